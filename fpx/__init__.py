@@ -1,0 +1,21 @@
+"""fpx: fixed points in JAX — solvers, implicit gradients, feasibility, operators."""
+
+from ._fixed_point import (
+    DisplacementTest as DisplacementTest,
+    FixedPointError as FixedPointError,
+    fixed_point as fixed_point,
+)
+from ._misc import max_norm as max_norm, rms_norm as rms_norm, two_norm as two_norm
+from ._solution import RESULTS as RESULTS, Solution as Solution
+from .adjoint import AbstractAdjoint as AbstractAdjoint, ImplicitAdjoint as ImplicitAdjoint
+from .solvers import (
+    KM as KM,
+    AbstractFixedPointSolver as AbstractFixedPointSolver,
+    Anderson as Anderson,
+    Broyden as Broyden,
+    Halpern as Halpern,
+    NewtonKrylov as NewtonKrylov,
+    Picard as Picard,
+)
+
+__version__ = "0.1.0"

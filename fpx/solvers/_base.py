@@ -1,0 +1,90 @@
+"""The interface every fixed-point solver implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, PyTree, Scalar
+
+from .._solution import RESULTS
+
+State = TypeVar("State")
+Fn = Callable[[PyTree, Any], PyTree]
+
+
+def _check_tolerance(name: str, value) -> None:
+    if isinstance(value, (int, float)) and not value >= 0:
+        raise ValueError(f"`{name}` must be a non-negative number, got {name}={value!r}.")
+
+
+def _check_unit_interval(cls: str, name: str, value, *, open_left: bool = True) -> None:
+    if isinstance(value, (int, float)) and not (0 < value <= 1):
+        raise ValueError(
+            f"`{cls}({name}=...)` must lie in (0, 1], got {name}={value!r}. "
+            f"{name}=1 is the plain Picard step, smaller values damp it."
+        )
+
+
+class AbstractFixedPointSolver(eqx.Module, Generic[State]):
+    """Base class of fpx's fixed-point solvers (the optimistix `init/step/terminate` pattern).
+
+    The shared driver (`fpx.fixed_point`) owns the loop: it evaluates `fz0 = fn(z0, args)`,
+    calls `init` once, then `step` until `terminate` says stop or `max_steps` is reached.
+    It also owns the non-finite check, the best-residual iterate, the residual trace and
+    infeasibility detection, so a solver only says how to move.
+
+    Subclasses set the fields `rtol`, `atol` and `norm` (stopping test
+    `norm(z - fn(z)) <= atol + rtol * norm(z)`) and implement:
+
+    - `init(fn, z0, fz0, args) -> state`
+    - `step(fn, z, fz, args, state) -> (z_next, fz_next, state_next)`: `fz == fn(z, args)`
+      on entry; the step proposes the next iterate and evaluates `fn` there.
+    - optionally `terminate`, `stats`, and `drift_scale` (enables infeasibility detection).
+    """
+
+    # Subclasses declare the fields `rtol: float`, `atol: float` and
+    # `norm: Callable[[PyTree], Scalar]` (not declared here as `AbstractVar`s, which would
+    # put them first in every subclass's positional signature: `KM(0.5)` must mean alpha).
+
+    # Evaluations of `fn` per step, when it is a constant; `None` when the solver counts
+    # them itself in `stats(state)["num_fn_evals"]`.
+    fn_evals_per_step: ClassVar[int | None] = 1
+
+    def __check_init__(self):
+        _check_tolerance("rtol", self.rtol)
+        _check_tolerance("atol", self.atol)
+
+    @abc.abstractmethod
+    def init(self, fn: Fn, z0: PyTree, fz0: PyTree, args: Any) -> State:
+        """Initial solver state, given `z0` and `fz0 = fn(z0, args)`."""
+
+    @abc.abstractmethod
+    def step(self, fn: Fn, z: PyTree, fz: PyTree, args: Any, state: State) -> tuple[PyTree, PyTree, State]:
+        """One iteration: returns the next iterate, `fn` evaluated there, and the new state."""
+
+    def terminate(
+        self, z: PyTree, fz: PyTree, residual_norm: Scalar, state: State
+    ) -> tuple[Bool[Array, ""], RESULTS]:
+        """Stopping test; the default is `residual_norm <= atol + rtol * norm(z)`."""
+        converged = residual_norm <= self.atol + self.rtol * self.norm(z)
+        return converged, RESULTS.successful
+
+    def stats(self, state: State) -> dict[str, Any]:
+        """Solver-specific statistics merged into `Solution.stats`."""
+        return {}
+
+    def drift_scale(self, state: State, num_steps: Array) -> Array | None:
+        """Normaliser `s_k` with `(z_0 - z_k) / s_k -> v` (the infimal displacement of fn).
+
+        `None` (the default) means the solver's iterates have no such law and
+        infeasibility detection is unavailable with it.
+        """
+        return None
+
+
+def as_float(x, like) -> Array:
+    return jnp.asarray(x, dtype=jnp.result_type(like))
