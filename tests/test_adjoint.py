@@ -1,0 +1,174 @@
+"""Implicit differentiation of `fixed_point` (the ImplicitAdjoint used by default)."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import fpx
+
+D = 8
+
+
+def _problem(dtype=jnp.float64, gamma=0.8):
+    k1, k2, k3 = jr.split(jr.PRNGKey(0), 3)
+    q, _ = jnp.linalg.qr(jr.normal(k1, (D, D)))
+    params = {
+        "W": (gamma * q).astype(dtype),
+        "U": (0.5 * jr.normal(k2, (D, D)) / jnp.sqrt(D)).astype(dtype),
+        "b": (0.1 * jr.normal(k3, (D,))).astype(dtype),
+    }
+    x = jnp.linspace(-1.0, 1.0, D, dtype=dtype)
+    return params, x
+
+
+def cell(z, params_x):
+    params, x = params_x
+    return jnp.tanh(params["W"] @ z + params["U"] @ x + params["b"])
+
+
+def loss_implicit(params, x, solver, adjoint=fpx.ImplicitAdjoint()):
+    z0 = jnp.zeros(D, x.dtype)
+    z = fpx.fixed_point(cell, z0, (params, x), solver=solver, adjoint=adjoint, max_steps=2000).value
+    return jnp.sum(z**2) + jnp.sum(jnp.sin(z))
+
+
+def loss_unrolled(params, x, steps=400):
+    z = jnp.zeros(D, x.dtype)
+    for _ in range(steps):
+        z = cell(z, (params, x))
+    return jnp.sum(z**2) + jnp.sum(jnp.sin(z))
+
+
+def _rel_err(a, b):
+    a, b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    num = np.sqrt(sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(a, b)))
+    den = np.sqrt(sum(float(jnp.sum(y**2)) for y in b))
+    return num / den
+
+
+TIGHT = dict(rtol=0.0, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [fpx.Picard(**TIGHT), fpx.Anderson(**TIGHT), fpx.Broyden(**TIGHT), fpx.NewtonKrylov(**TIGHT)],
+    ids=lambda s: type(s).__name__,
+)
+def test_implicit_gradient_matches_unrolled_float64(solver):
+    params, x = _problem()
+    g_imp = jax.grad(loss_implicit, argnums=(0, 1))(params, x, solver)
+    g_unr = jax.grad(loss_unrolled, argnums=(0, 1))(params, x)
+    assert _rel_err(g_imp, g_unr) <= 1e-6
+
+
+@pytest.mark.parametrize("solver", [fpx.Picard(rtol=1e-6, atol=0.0), fpx.Anderson(rtol=1e-6, atol=0.0)], ids=lambda s: type(s).__name__)
+def test_implicit_gradient_matches_unrolled_float32(solver):
+    params, x = _problem(jnp.float32)
+    g_imp = jax.grad(loss_implicit, argnums=(0, 1))(params, x, solver)
+    g_unr = jax.grad(loss_unrolled, argnums=(0, 1))(params, x, 200)
+    assert jax.tree_util.tree_leaves(g_imp)[0].dtype == jnp.float32
+    assert _rel_err(g_imp, g_unr) <= 1e-4
+
+
+def test_check_grads_reverse_mode():
+    params, x = _problem()
+    solver = fpx.Anderson(**TIGHT)
+    check_grads(lambda p, x: loss_implicit(p, x, solver), (params, x), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_lineax_linear_solver_for_the_adjoint():
+    params, x = _problem()
+    adjoint = fpx.ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-12, atol=1e-12))
+    g_imp = jax.grad(loss_implicit)(params, x, fpx.Picard(**TIGHT), adjoint)
+    g_unr = jax.grad(loss_unrolled)(params, x)
+    assert _rel_err(g_imp, g_unr) <= 1e-6
+
+
+def test_backward_solver_can_differ_from_forward():
+    params, x = _problem()
+    adjoint = fpx.ImplicitAdjoint(solver=fpx.Anderson(**TIGHT))
+    g_imp = jax.grad(loss_implicit)(params, x, fpx.Picard(**TIGHT), adjoint)
+    assert _rel_err(g_imp, jax.grad(loss_unrolled)(params, x)) <= 1e-6
+
+
+def test_gradient_wrt_z0_is_zero():
+    params, x = _problem()
+
+    def f(z0):
+        return fpx.fixed_point(cell, z0, (params, x), solver=fpx.Anderson(**TIGHT)).value.sum()
+
+    g = jax.grad(f)(jnp.ones(D))
+    np.testing.assert_array_equal(g, jnp.zeros(D))
+
+
+def test_grad_of_vmap_and_vmap_of_grad():
+    params, x = _problem()
+    xs = jnp.stack([x, 0.5 * x, -x])
+    solver = fpx.Anderson(**TIGHT)
+
+    def batch_loss(params):
+        return jnp.sum(jax.vmap(lambda x: loss_implicit(params, x, solver))(xs))
+
+    g_batch = jax.jit(jax.grad(batch_loss))(params)
+    g_ref = jax.tree_util.tree_map(lambda *g: sum(g), *[jax.grad(loss_unrolled)(params, xi) for xi in xs])
+    assert _rel_err(g_batch, g_ref) <= 1e-6
+    per_sample = jax.vmap(lambda x: jax.grad(loss_implicit, argnums=1)(params, x, solver))(xs)
+    np.testing.assert_allclose(per_sample[1], jax.grad(loss_unrolled, argnums=1)(params, xs[1]), rtol=1e-6, atol=1e-10)
+
+
+def test_gradient_through_equinox_module_args():
+    import equinox as eqx
+
+    class Cell(eqx.Module):
+        weight: jax.Array
+        bias: jax.Array
+
+        def __call__(self, z, x):
+            return jnp.tanh(self.weight @ z + x) + self.bias
+
+    params, x = _problem()
+    model = Cell(params["W"], params["b"])
+
+    def loss(model):
+        return fpx.fixed_point(lambda z, m: m(z, x), jnp.zeros(D), model, solver=fpx.Anderson(**TIGHT)).value.sum()
+
+    def loss_unr(model):
+        z = jnp.zeros(D)
+        for _ in range(400):
+            z = model(z, x)
+        return z.sum()
+
+    g = eqx.filter_grad(loss)(model)
+    g_ref = eqx.filter_grad(loss_unr)(model)
+    assert _rel_err((g.weight, g.bias), (g_ref.weight, g_ref.bias)) <= 1e-6
+
+
+def _expansive_at_solution():
+    # Newton solves z = 2 z - a exactly (z* = a), but the adjoint iteration u = 2 u + g diverges.
+    return lambda z, a: 2.0 * z - a, jnp.zeros(3), jnp.ones(3)
+
+
+def test_failed_backward_solve_raises_with_throw():
+    fn, z0, a = _expansive_at_solution()
+    loss = lambda a: fpx.fixed_point(
+        fn, z0, a, solver=fpx.NewtonKrylov(), adjoint=fpx.ImplicitAdjoint(solver=fpx.Picard(), max_steps=50)
+    ).value.sum()
+    with pytest.raises(Exception, match=r"backward \(adjoint\) solve of the implicit gradient failed"):
+        jax.block_until_ready(jax.grad(loss)(a))
+
+
+def test_failed_backward_solve_gives_nan_without_throw():
+    fn, z0, a = _expansive_at_solution()
+    loss = lambda a: fpx.fixed_point(
+        fn, z0, a, solver=fpx.NewtonKrylov(), adjoint=fpx.ImplicitAdjoint(solver=fpx.Picard(), max_steps=50), throw=False
+    ).value.sum()
+    g = jax.grad(loss)(a)
+    assert np.all(np.isnan(np.asarray(g)))
+    # The default adjoint for a NewtonKrylov forward (Anderson, i.e. GMRES on this linear
+    # problem) does solve it: dz*/da = 1.
+    good = lambda a: fpx.fixed_point(fn, z0, a, solver=fpx.NewtonKrylov(rtol=0, atol=1e-10)).value.sum()
+    np.testing.assert_allclose(jax.grad(good)(a), jnp.ones(3), rtol=1e-8)
