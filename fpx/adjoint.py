@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 
-from ._misc import tree_add
+from ._misc import tree_add, two_norm
 from ._solution import RESULTS, Solution
 from .solvers._anderson import Anderson
 from .solvers._base import AbstractFixedPointSolver
@@ -134,6 +134,12 @@ def _implicit_solve_bwd(z_star, grad_obj, perturbed, fn_args, z0, config):
         is_leaf=lambda x: x is None,
     )
     _, vjp_z = eqx.filter_vjp(lambda z: fn(z, args), z_star)
+    # The adjoint equation is linear in gbar, whose scale is arbitrary (it depends on how
+    # the loss is normalised): solve for gbar / |gbar| so that `atol` means the same thing
+    # for every loss, then scale back.
+    gbar_norm = two_norm(gbar)
+    scale = jnp.where(gbar_norm > 0, gbar_norm, 1.0)
+    gbar = jtu.tree_map(lambda g: g / scale.astype(g.dtype), gbar)
 
     if config.linear_solver is not None:
         operator = lx.FunctionLinearOperator(
@@ -179,6 +185,7 @@ def _implicit_solve_bwd(z_star, grad_obj, perturbed, fn_args, z0, config):
     # A perturbed leaf may arrive as a Python scalar (a closed-over `float` under `grad`);
     # make it an array so that `filter_vjp` differentiates it.
     fn_args = jtu.tree_map(lambda x, p: jnp.asarray(x) if p else x, fn_args, perturbed)
+    u = jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
     _, vjp_theta = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), fn_args)
     (grads,) = vjp_theta(u)
     return jtu.tree_map(

@@ -172,3 +172,14 @@ def test_failed_backward_solve_gives_nan_without_throw():
     # problem) does solve it: dz*/da = 1.
     good = lambda a: fpx.fixed_point(fn, z0, a, solver=fpx.NewtonKrylov(rtol=0, atol=1e-10)).value.sum()
     np.testing.assert_allclose(jax.grad(good)(a), jnp.ones(3), rtol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_gradient_accuracy_does_not_depend_on_loss_scale(scale):
+    # The adjoint solve is relative to |gbar|: a tiny or huge loss scale must not make
+    # `atol` stop it early or run it to max_steps.
+    params, x = _problem()
+    solver = fpx.Picard(rtol=1e-10, atol=1e-10)
+    g = jax.grad(lambda p: scale * loss_implicit(p, x, solver))(params)
+    g_ref = jax.grad(lambda p: scale * loss_unrolled(p, x))(params)
+    assert _rel_err(g, g_ref) <= 1e-8

@@ -19,8 +19,8 @@ class Broyden(AbstractMemorySolver):
     relaxed Picard step) and receives one Sherman–Morrison rank-one update per accepted
     step. The last `memory` updates are kept (oldest overwritten), the form used by
     deep-equilibrium models. An update whose denominator `s^T H y` is negligible is
-    skipped. Steps are safeguarded as in `Anderson`; `stats["num_rejected"]` counts
-    rejections.
+    skipped. Steps are safeguarded as in `Anderson` (default growth factor 2);
+    `stats["num_rejected"]` counts rejections.
 
     ```python
     import jax.numpy as jnp, fpx
@@ -32,7 +32,8 @@ class Broyden(AbstractMemorySolver):
 
     memory: int = 10
     beta: float = 1.0
-    safeguard: float | None = 1.0
+    # Broyden's residuals are typically non-monotone: a factor 1 rejects useful steps.
+    safeguard: float | None = 2.0
     rtol: float = 1e-5
     atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = two_norm

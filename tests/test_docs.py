@@ -1,0 +1,43 @@
+"""Every runnable example in the README and in public docstrings runs and its asserts hold."""
+
+import inspect
+import pathlib
+import re
+
+import pytest
+
+import fpx
+
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _public_objects():
+    for name in sorted(dir(fpx)):
+        obj = getattr(fpx, name)
+        if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
+            yield name, obj
+
+
+def _docstring_examples():
+    for name, obj in _public_objects():
+        for i, block in enumerate(BLOCK.findall(inspect.getdoc(obj) or "")):
+            yield pytest.param(block, id=f"{name}-{i}")
+
+
+@pytest.mark.parametrize("code", list(_docstring_examples()))
+def test_docstring_example_runs(code):
+    exec(compile(code, "<docstring>", "exec"), {})
+
+
+def test_readme_examples_run():
+    blocks = BLOCK.findall((ROOT / "README.md").read_text())
+    assert blocks, "README.md has no python example"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_every_public_function_and_solver_has_an_example():
+    documented = {name for name, obj in _public_objects() if BLOCK.search(inspect.getdoc(obj) or "")}
+    must = {"fixed_point", "Picard", "KM", "Halpern", "Anderson", "Broyden", "NewtonKrylov", "ImplicitAdjoint"}
+    assert must <= documented, f"missing examples: {sorted(must - documented)}"
