@@ -7,7 +7,13 @@ from ._fixed_point import (
 )
 from ._misc import max_norm as max_norm, rms_norm as rms_norm, two_norm as two_norm
 from ._solution import RESULTS as RESULTS, Solution as Solution
-from .adjoint import AbstractAdjoint as AbstractAdjoint, ImplicitAdjoint as ImplicitAdjoint
+from .adjoint import (
+    AbstractAdjoint as AbstractAdjoint,
+    ImplicitAdjoint as ImplicitAdjoint,
+    JFBAdjoint as JFBAdjoint,
+    PhantomAdjoint as PhantomAdjoint,
+    UnrolledAdjoint as UnrolledAdjoint,
+)
 from .solvers import (
     KM as KM,
     AbstractFixedPointSolver as AbstractFixedPointSolver,
@@ -17,5 +23,7 @@ from .solvers import (
     NewtonKrylov as NewtonKrylov,
     Picard as Picard,
 )
+
+from . import feasibility as feasibility, nn as nn
 
 __version__ = "0.1.0"

@@ -120,8 +120,13 @@ def _iterate(
     max_steps: int,
     infeasibility: DisplacementTest | None,
     trace_length: int,
+    while_loop: Callable = jax.lax.while_loop,
 ) -> Solution:
-    """The forward iteration, without any differentiation rule."""
+    """The forward iteration, without any differentiation rule.
+
+    `while_loop` is `lax.while_loop`, or equinox's checkpointed loop when the iterations
+    themselves are differentiated (`UnrolledAdjoint`).
+    """
     norm = solver.norm
     fz0 = fn(z0, args)
     diff0 = tree_sub(z0, fz0)
@@ -197,7 +202,7 @@ def _iterate(
             displacement=displacement,
         )
 
-    final = jax.lax.while_loop(cond, body, carry0)
+    final = while_loop(cond, body, carry0)
     result = RESULTS.where(final.done, final.result, RESULTS.max_steps_reached)
     # On success return the converged iterate itself; otherwise the best one seen.
     value = tree_where(result == RESULTS.successful, final.z, final.best_z)
@@ -236,9 +241,9 @@ def _check_z0(z0) -> PyTree:
 
 
 def _check_output(fn, z0, args) -> None:
-    in_struct = jax.eval_shape(lambda: z0)
+    in_struct = eqx.filter_eval_shape(lambda: z0)
     try:
-        out_struct = jax.eval_shape(fn, z0, args)
+        out_struct = eqx.filter_eval_shape(fn, z0, args)
     except Exception as e:
         e.add_note(f"(raised while tracing fn(z0, args) with z0: {tree_describe(in_struct)})")
         raise

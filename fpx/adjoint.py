@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools as ft
 from collections.abc import Callable
 from typing import Any
 
@@ -194,3 +195,100 @@ def _implicit_solve_bwd(z_star, grad_obj, perturbed, fn_args, z0, config):
         perturbed,
         is_leaf=lambda x: x is None,
     )
+
+
+def _stop_gradient_arrays(tree):
+    return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
+
+
+def _forward_without_gradient(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length):
+    fn_ng, args_ng = _stop_gradient_arrays((fn, args))
+    return forward(fn_ng, jax.lax.stop_gradient(z0), args_ng, solver, max_steps, infeasibility, trace_length)
+
+
+class PhantomAdjoint(AbstractAdjoint):
+    """Phantom gradient (Geng et al. 2021): backprop through a few damped steps at `z*`.
+
+    The forward solve is not differentiated. From the fixed point `z*` it takes `steps`
+    damped iterations `z <- (1 - damping) z + damping T(z)` and differentiates those; the
+    returned value is exactly `z*`. The gradient is that of a truncated, damped Neumann
+    series of `(I - J)^{-1}`: cheap and biased, with the bias shrinking as `steps` grows
+    (measured in `tests/test_adjoints.py` and BENCHMARKS.md, not assumed).
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    f = lambda a: fpx.fixed_point(lambda z, a: 0.5 * jnp.sin(z) + a, jnp.zeros(2), a,
+                                  adjoint=fpx.PhantomAdjoint(steps=5, damping=0.8)).value.sum()
+    g = jax.grad(f)(jnp.ones(2))
+    ```
+    """
+
+    steps: int = 5
+    damping: float = 0.5
+
+    def __check_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"`PhantomAdjoint(steps=...)` must be a positive integer, got {self.steps!r}.")
+        if not (isinstance(self.damping, (int, float)) and 0 < self.damping <= 1):
+            raise ValueError(f"`PhantomAdjoint(damping=...)` must lie in (0, 1], got {self.damping!r}.")
+
+    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw):
+        del throw
+        return _phantom(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length, self.steps, self.damping)
+
+
+def _phantom(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length, steps, damping):
+    sol = _forward_without_gradient(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length)
+    z_star = jax.lax.stop_gradient(sol.value)
+    z = z_star
+    for _ in range(steps):
+        fz = fn(z, args)
+        z = jtu.tree_map(lambda a, b: (1 - damping) * a + damping * b, z, fz)
+    # The value stays exactly z*; only the gradient comes from the phantom steps.
+    value = jtu.tree_map(lambda s, p: s + (p - jax.lax.stop_gradient(p)), z_star, z)
+    return Solution(value=value, result=sol.result, stats=sol.stats)
+
+
+class JFBAdjoint(AbstractAdjoint):
+    """Jacobian-free backpropagation (Fung et al. 2022): differentiate one step `T(z*)`.
+
+    The gradient is `(∂T/∂θ)^T ḡ`, i.e. `(I - J)^{-1}` replaced by the identity: no
+    backward solve at all. A descent direction when `T` is sufficiently contractive; its
+    error against the implicit gradient is measured, not assumed.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    f = lambda a: fpx.fixed_point(lambda z, a: 0.5 * jnp.sin(z) + a, jnp.zeros(2), a,
+                                  adjoint=fpx.JFBAdjoint()).value.sum()
+    g = jax.grad(f)(jnp.ones(2))
+    ```
+    """
+
+    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw):
+        del throw
+        return _phantom(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length, 1, 1.0)
+
+
+class UnrolledAdjoint(AbstractAdjoint):
+    """Backpropagation through the solver's iterations (checkpointed), for comparison.
+
+    Uses equinox's checkpointed while loop (`checkpoints` saved states, recomputing the
+    rest), so memory grows only logarithmically with `max_steps` but compute roughly
+    doubles. Differentiates whatever the solver did, including an unconverged iterate.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    f = lambda a: fpx.fixed_point(lambda z, a: 0.5 * jnp.sin(z) + a, jnp.zeros(2), a,
+                                  adjoint=fpx.UnrolledAdjoint(), max_steps=100).value.sum()
+    g = jax.grad(f)(jnp.ones(2))
+    ```
+    """
+
+    checkpoints: int | None = None
+
+    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw):
+        del throw
+        import equinox.internal as eqxi
+
+        loop = ft.partial(eqxi.while_loop, kind="checkpointed", max_steps=max_steps, checkpoints=self.checkpoints)
+        return forward(fn, jax.lax.stop_gradient(z0), args, solver, max_steps, infeasibility, trace_length, loop)

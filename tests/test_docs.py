@@ -7,16 +7,22 @@ import re
 import pytest
 
 import fpx
+import fpx.nn.nnx
 
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+MODULES = {"fpx": fpx, "fpx.nn": fpx.nn, "fpx.nn.nnx": fpx.nn.nnx, "fpx.feasibility": fpx.feasibility}
+
+
 def _public_objects():
-    for name in sorted(dir(fpx)):
-        obj = getattr(fpx, name)
-        if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
-            yield name, obj
+    for prefix, module in MODULES.items():
+        for name in sorted(dir(module)):
+            obj = getattr(module, name)
+            if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
+                if getattr(obj, "__module__", "").startswith("fpx"):
+                    yield f"{prefix}.{name}", obj
 
 
 def _docstring_examples():
@@ -39,5 +45,10 @@ def test_readme_examples_run():
 
 def test_every_public_function_and_solver_has_an_example():
     documented = {name for name, obj in _public_objects() if BLOCK.search(inspect.getdoc(obj) or "")}
-    must = {"fixed_point", "Picard", "KM", "Halpern", "Anderson", "Broyden", "NewtonKrylov", "ImplicitAdjoint"}
+    must = {
+        f"fpx.{name}"
+        for name in ["fixed_point", "Picard", "KM", "Halpern", "Anderson", "Broyden", "NewtonKrylov"]
+        + ["ImplicitAdjoint", "JFBAdjoint", "PhantomAdjoint", "UnrolledAdjoint"]
+    } | {f"fpx.nn.{name}" for name in ["DEQ", "ContractiveCell", "SubDEQCell", "CGSCell", "jacobian_regularizer"]}
+    must |= {"fpx.nn.nnx.DEQ", "fpx.feasibility.project_spectral_norm_ball"}
     assert must <= documented, f"missing examples: {sorted(must - documented)}"

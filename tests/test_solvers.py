@@ -131,45 +131,41 @@ def test_t1_oc_halpern_residual_is_exact():
 
 
 @pytest.mark.parametrize(
-    ("solver", "max_expected_steps"),
+    ("solver", "expected_steps"),
     [
-        (fpx.Picard(rtol=0.0, atol=1e-10), 82),
-        (fpx.KM(0.5, rtol=0.0, atol=1e-10), 176),
-        (fpx.KM(0.9, rtol=0.0, atol=1e-10), 100),
-        (fpx.Halpern(contraction=0.75, rtol=0.0, atol=1e-10), 100),
+        (fpx.Picard(rtol=0.0, atol=1e-10), 82),  # first k with sqrt(2) 0.75^k <= 1e-10
+        (fpx.KM(0.5, rtol=0.0, atol=1e-10), 176),  # first k with sqrt(2) 0.875^k <= 1e-10
+        (fpx.KM(0.9, rtol=0.0, atol=1e-10), None),
+        (fpx.Halpern(contraction=0.75, rtol=0.0, atol=1e-10), None),
         # z0 - z* spans a 1-dimensional Krylov space: one Picard step, then one exact secant step.
         (fpx.Anderson(rtol=0.0, atol=1e-10), 2),
         (fpx.Broyden(rtol=0.0, atol=1e-10), 2),
         # A linear problem: one exact Newton step (GMRES needs one matvec, b is an eigenvector).
         (fpx.NewtonKrylov(rtol=0.0, atol=1e-10), 1),
     ],
-    ids=lambda p: type(p).__name__ if isinstance(p, fpx.AbstractFixedPointSolver) else str(p),
+    ids=["picard", "km0.5", "km0.9", "oc_halpern", "anderson", "broyden", "newton_krylov"],
 )
-def test_t1_every_solver_converges_tightly(solver, max_expected_steps):
+def test_t1_every_solver_converges_tightly(solver, expected_steps):
     sol = _t1_solve(solver, max_steps=1000)
     assert _converged(sol)
     steps = int(sol.stats["num_steps"])
-    assert 1 <= steps <= max_expected_steps
+    if expected_steps is None:
+        assert 1 <= steps <= 100
+    else:
+        assert steps == expected_steps
     residual = float(sol.stats["residual_norm"])
     assert residual <= 1e-10
     # |z - z*| <= |z - T z| / (1 - 0.75) for a 0.75-contraction.
     assert np.max(np.abs(np.asarray(sol.value) - Z1)) <= 4.0 * residual + 1e-14
     assert sol.value.dtype == jnp.float64
-
-
-def test_t1_exact_step_counts_of_the_secant_and_newton_solvers():
-    for solver in (fpx.Anderson(rtol=0.0, atol=1e-10), fpx.Broyden(rtol=0.0, atol=1e-10)):
-        sol = _t1_solve(solver)
-        assert int(sol.stats["num_steps"]) == 2
-        assert int(sol.stats["num_fn_evals"]) == 3
+    if isinstance(solver, (fpx.Anderson, fpx.Broyden)):
         assert int(sol.stats["num_rejected"]) == 0
-        _close(sol.value, Z1, rel=0.0, abs_=1e-13)
-    sol = _t1_solve(fpx.NewtonKrylov(rtol=0.0, atol=1e-10))
-    assert int(sol.stats["num_steps"]) == 1
-    assert int(sol.stats["num_jvps"]) == 1
-    assert int(sol.stats["num_backtracks"]) == 0
-    assert int(sol.stats["num_fn_evals"]) == 3  # z0, the linearisation point, the trial point
-    _close(sol.value, Z1, rel=0.0, abs_=1e-13)
+    if isinstance(solver, fpx.NewtonKrylov):
+        assert int(sol.stats["num_jvps"]) == 1
+        assert int(sol.stats["num_backtracks"]) == 0
+        assert int(sol.stats["num_fn_evals"]) == 3  # z0, the linearisation point, the trial point
+    else:
+        assert int(sol.stats["num_fn_evals"]) == steps + 1
 
 
 # ----------------------------------------------------------------------------------------
@@ -204,9 +200,10 @@ def test_t2_km_half_residual_is_exact():
         rot90, Z0_ROT, solver=fpx.KM(0.5, rtol=0.0, atol=1e-12), max_steps=200, throw=False, trace_length=120
     )
     assert _converged(sol)
-    tr = _trace(sol)
-    k = np.arange(120)
-    _close(tr, SQRT2 * 2.0 ** (-k / 2), rel=1e-13, abs_=0.0)
+    steps = int(sol.stats["num_steps"])
+    assert steps == 81  # first k with sqrt(2) 2^(-k/2) <= 1e-12
+    k = np.arange(steps + 1)
+    _close(_trace(sol)[: steps + 1], SQRT2 * 2.0 ** (-k / 2), rel=1e-13, abs_=0.0)
     assert np.max(np.abs(np.asarray(sol.value))) <= 1e-12
 
 
@@ -306,7 +303,7 @@ def test_oc_halpern_residual_bound(name, rho):
         exact = (1.0 + rho) * e0 * np.abs(np.cumsum((-1.0 / rho) ** k)) / np.cumsum(rho ** (-2.0 * k))
         _close(tr, exact, rel=1e-12, abs_=1e-14)
         even = k[: min(steps + 1, 21)][::2].astype(int)
-        _close(tr[even], bound[even], rel=1e-12, abs_=0.0)
+        _close(tr[even], bound[even], rel=1e-12, abs_=1e-15)
 
 
 def test_oc_halpern_anchor_weights():
@@ -494,8 +491,12 @@ def expansive(z, _):  # Lipschitz constant >= 2: Picard diverges from anywhere b
     return jnp.asarray(C_NL) - 2.0 * z - 0.3 * jnp.tanh(jnp.asarray(W_NL) @ z)
 
 
+def _t_contractive_np(z):
+    return 0.9 * np.tanh(W_NL @ z) + C_NL
+
+
 REF_CONTRACTIVE = _newton_reference(
-    lambda z: 0.9 * np.tanh(W_NL @ z) + C_NL,
+    _t_contractive_np,
     lambda z: 0.9 * (1.0 - np.tanh(W_NL @ z) ** 2)[:, None] * W_NL,
     N_NL,
 )
@@ -506,25 +507,49 @@ REF_EXPANSIVE = _newton_reference(
 )
 
 
+def _numpy_anderson_residuals(t_np, z0, memory, num):
+    """Textbook type-II Anderson (beta = 1, least squares by lstsq) residual norms."""
+    z = np.array(z0, dtype=float)
+    zs, gs, out = [], [], []
+    for _ in range(num):
+        g = t_np(z) - z
+        out.append(np.linalg.norm(g))
+        zs.append(z.copy())
+        gs.append(g)
+        if len(zs) == 1:
+            z = z + g
+            continue
+        d_z = np.diff(np.array(zs[-memory - 1 :]), axis=0).T
+        d_g = np.diff(np.array(gs[-memory - 1 :]), axis=0).T
+        gamma = np.linalg.lstsq(d_g, g, rcond=None)[0]
+        z = z + g - (d_z + d_g) @ gamma
+    return np.array(out)
+
+
 @pytest.mark.parametrize(
     ("solver", "max_expected_steps"),
     [
-        (fpx.Picard(rtol=0.0, atol=1e-10), 100),
-        (fpx.Anderson(rtol=0.0, atol=1e-10), 50),
-        (fpx.Broyden(rtol=0.0, atol=1e-10), 50),
-        (fpx.Broyden(memory=30, rtol=0.0, atol=1e-10), 50),
-        (fpx.NewtonKrylov(rtol=0.0, atol=1e-10), 8),
+        (fpx.Picard(rtol=0.0, atol=1e-10), 80),
+        (fpx.Anderson(rtol=0.0, atol=1e-10), 60),
+        (fpx.Broyden(rtol=0.0, atol=1e-10), 70),
     ],
-    ids=["picard", "anderson", "broyden10", "broyden30", "newton_krylov"],
+    ids=["picard", "anderson", "broyden"],
 )
 def test_contractive_tanh_matches_reference(solver, max_expected_steps):
-    sol = fpx.fixed_point(contractive, jnp.zeros(N_NL), solver=solver, max_steps=300, throw=False)
+    sol = fpx.fixed_point(contractive, jnp.zeros(N_NL), solver=solver, max_steps=300, throw=False, trace_length=100)
     assert _converged(sol)
-    assert int(sol.stats["num_steps"]) <= max_expected_steps
+    steps = int(sol.stats["num_steps"])
+    assert steps <= max_expected_steps
     residual = float(sol.stats["residual_norm"])
     assert residual <= 1e-10
     # 0.9-Lipschitz: |z - z*| <= |z - T z| / 0.1
     assert np.linalg.norm(np.asarray(sol.value) - REF_CONTRACTIVE) <= 10.0 * residual + 1e-13
+    if isinstance(solver, fpx.Anderson):
+        # The iterates are those of textbook AA(5) (the ridge is at rounding level).
+        reference = _numpy_anderson_residuals(_t_contractive_np, np.zeros(N_NL), 5, steps + 1)
+        tr = _trace(sol)[: steps + 1]
+        _close(tr[:31], reference[:31], rel=1e-8, abs_=0.0)
+        _close(tr, reference, rel=1e-4, abs_=0.0)
 
 
 def test_newton_krylov_converges_quadratically_on_contractive_tanh():
@@ -537,17 +562,19 @@ def test_newton_krylov_converges_quadratically_on_contractive_tanh():
         trace_length=51,
     )
     assert _converged(sol)
+    residual = float(sol.stats["residual_norm"])
+    assert residual <= 1e-10
+    assert np.linalg.norm(np.asarray(sol.value) - REF_CONTRACTIVE) <= 10.0 * residual + 1e-13
     steps = int(sol.stats["num_steps"])
-    picard = fpx.fixed_point(contractive, jnp.zeros(N_NL), solver=fpx.Picard(rtol=0.0, atol=1e-10), throw=False)
-    assert steps <= int(picard.stats["num_steps"]) // 5
+    assert steps <= 8  # Picard needs 76 here
     tr = _trace(sol)[: steps + 1]
     ratios = tr[1:] / tr[:-1]
-    # Linear convergence at Picard's rate would keep the ratio near rho(T'(z*)) ~ 0.67;
-    # Newton's ratios collapse, and at least twice the residual is squared.
-    assert np.min(ratios) < 1e-3
-    squared = (tr[:-1] < 1.0) & (tr[1:] <= tr[:-1] ** 2)
-    assert int(np.sum(squared)) >= 2, tr
     assert np.all(ratios < 1.0)
+    # Linear convergence would keep the ratio near the spectral radius of T'(z*); Newton's
+    # ratios collapse, and the residual is (at least) squared on several consecutive steps.
+    assert np.min(ratios) < 1e-4
+    squared = (tr[:-1] < 1.0) & (tr[1:] <= tr[:-1] ** 2)
+    assert int(np.sum(squared)) >= 3, tr
     jvps = int(sol.stats["num_jvps"])
     assert jvps >= steps > 0
     assert int(sol.stats["num_fn_evals"]) == 1 + 2 * steps + int(sol.stats["num_backtracks"])
@@ -556,6 +583,7 @@ def test_newton_krylov_converges_quadratically_on_contractive_tanh():
 def test_expansive_problem_picard_fails():
     sol = fpx.fixed_point(expansive, jnp.zeros(N_NL), solver=fpx.Picard(), max_steps=50, throw=False, trace_length=51)
     assert not _converged(sol)
+    assert sol.result == fpx.RESULTS.max_steps_reached
     tr = _trace(sol)
     assert tr[-1] > 1e10 * tr[0]  # the residual blows up geometrically
 
@@ -563,9 +591,9 @@ def test_expansive_problem_picard_fails():
 @pytest.mark.parametrize(
     ("solver", "max_expected_steps"),
     [
-        (fpx.NewtonKrylov(rtol=0.0, atol=1e-10), 10),
-        (fpx.Anderson(rtol=0.0, atol=1e-10), 60),
-        (fpx.Broyden(rtol=0.0, atol=1e-10), 100),
+        (fpx.NewtonKrylov(rtol=0.0, atol=1e-10), 8),
+        (fpx.Anderson(rtol=0.0, atol=1e-10), 40),
+        (fpx.Broyden(memory=2 * N_NL, rtol=0.0, atol=1e-10), 40),
     ],
     ids=["newton_krylov", "anderson", "broyden"],
 )
@@ -574,13 +602,11 @@ def test_expansive_problem_accelerated_solvers_converge(solver, max_expected_ste
     assert _converged(sol)
     assert int(sol.stats["num_steps"]) <= max_expected_steps
     assert float(sol.stats["residual_norm"]) <= 1e-10
-    # |z - z*| <= |(I - T')^{-1}| |z - T z|, and I - T' = 3 I + 0.3 D W has smallest singular value >= 2.7
+    # |z - z*| <= |(I - T')^{-1}| |z - T z| (mean value), and I - T' = 3 I + 0.3 D W with
+    # 0 <= D <= I, W orthogonal, has smallest singular value >= 2.7.
     assert np.linalg.norm(np.asarray(sol.value) - REF_EXPANSIVE) <= 1e-10 / 2.7 * 1.01
     if isinstance(solver, fpx.NewtonKrylov):
         assert int(sol.stats["num_jvps"]) > 0
-    else:
-        # a pure Picard step raises the residual here, and memory steps can too
-        assert int(sol.stats["num_rejected"]) >= 1
 
 
 # ----------------------------------------------------------------------------------------
@@ -599,7 +625,7 @@ def test_constructor_defaults():
     anderson = fpx.Anderson()
     assert (anderson.memory, anderson.beta, anderson.regularization, anderson.safeguard) == (5, 1.0, None, 1.0)
     broyden = fpx.Broyden()
-    assert (broyden.memory, broyden.beta, broyden.safeguard) == (10, 1.0, 1.0)
+    assert (broyden.memory, broyden.beta, broyden.safeguard) == (10, 1.0, 2.0)
     assert fpx.NewtonKrylov().eta_max == 0.9
 
 
@@ -612,11 +638,13 @@ def test_first_positional_argument():
 
 
 @pytest.mark.parametrize("cls", SOLVER_CLASSES, ids=lambda c: c.__name__)
-def test_default_solvers_solve_a_contraction(cls):
-    # Plain Halpern is O(1/k) on contractions (see T1), so it gets a larger step budget.
-    sol = fpx.fixed_point(
-        contractive, jnp.zeros(N_NL), solver=cls(), max_steps=20_000 if cls is fpx.Halpern else 256
-    )
+def test_default_solvers_work(cls):
+    if cls is fpx.Halpern:
+        # Plain Halpern is O(1/k) on a contraction (see T1); its home is the nonexpansive T2.
+        sol = fpx.fixed_point(rot90, Z0_ROT, solver=cls())
+        assert int(sol.stats["num_steps"]) == 3
+        return
+    sol = fpx.fixed_point(contractive, jnp.zeros(N_NL), solver=cls())  # throw=True: raises on failure
     assert _converged(sol)
     residual = float(sol.stats["residual_norm"])
     assert residual <= 1e-6 + 1e-5 * np.linalg.norm(np.asarray(sol.value))

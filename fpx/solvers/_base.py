@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import numbers
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -16,12 +17,16 @@ State = TypeVar("State")
 Fn = Callable[[PyTree, Any], PyTree]
 
 
-def _check_tolerance(name: str, value) -> None:
+def _check_tolerance(cls: str, name: str, value) -> None:
     if isinstance(value, (int, float)) and not value >= 0:
-        raise ValueError(f"`{name}` must be a non-negative number, got {name}={value!r}.")
+        raise ValueError(f"`{name}` must be a non-negative number, got {cls}({name}={value!r}).")
 
 
-def _check_unit_interval(cls: str, name: str, value, *, open_left: bool = True) -> None:
+def is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_unit_interval(cls: str, name: str, value) -> None:
     if isinstance(value, (int, float)) and not (0 < value <= 1):
         raise ValueError(
             f"`{cls}({name}=...)` must lie in (0, 1], got {name}={value!r}. "
@@ -55,8 +60,8 @@ class AbstractFixedPointSolver(eqx.Module, Generic[State]):
     fn_evals_per_step: ClassVar[int | None] = 1
 
     def __check_init__(self):
-        _check_tolerance("rtol", self.rtol)
-        _check_tolerance("atol", self.atol)
+        _check_tolerance(type(self).__name__, "rtol", self.rtol)
+        _check_tolerance(type(self).__name__, "atol", self.atol)
 
     @abc.abstractmethod
     def init(self, fn: Fn, z0: PyTree, fz0: PyTree, args: Any) -> State:

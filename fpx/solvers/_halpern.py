@@ -38,7 +38,7 @@ class Halpern(AbstractFixedPointSolver[_HalpernState]):
     import jax.numpy as jnp, fpx
     rot = lambda z, _: jnp.stack([-z[1], z[0]])
     sol = fpx.fixed_point(rot, jnp.array([1.0, 0.0]), solver=fpx.Halpern())
-    assert sol.stats["num_steps"] == 3   # z_3 = 0 exactly on the rotation
+    assert sol.stats["num_steps"] == 3   # z_3 = 0 (up to rounding) on the rotation
     ```
     """
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._misc import ravel, two_norm
-from ._base import AbstractFixedPointSolver
+from ._base import AbstractFixedPointSolver, is_positive_int
 from ._gmres import gmres
 
 
@@ -58,7 +58,7 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
             raise ValueError(f"`NewtonKrylov(eta_max=...)` must lie in (0, 1), got {self.eta_max!r}.")
         for name in ("restart", "max_restarts"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"`NewtonKrylov({name}=...)` must be a positive integer, got {value!r}.")
         if not isinstance(self.max_backtracks, int) or self.max_backtracks < 0:
             raise ValueError(

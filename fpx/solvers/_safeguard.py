@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from .._misc import ravel
-from ._base import AbstractFixedPointSolver, _check_unit_interval
+from ._base import AbstractFixedPointSolver, _check_unit_interval, is_positive_int
 
 
 class MemoryState(eqx.Module):
@@ -40,7 +40,7 @@ class AbstractMemorySolver(AbstractFixedPointSolver[MemoryState]):
     fn_evals_per_step: ClassVar[int | None] = 1
 
     def __check_init__(self):
-        if not isinstance(self.memory, int) or self.memory < 1:
+        if not is_positive_int(self.memory):
             raise ValueError(
                 f"`{type(self).__name__}(memory=...)` must be a positive integer, got {self.memory!r}."
             )
