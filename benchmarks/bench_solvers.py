@@ -26,7 +26,7 @@ Every timing is the median of `--repeats` warm calls of a `jax.jit`-compiled fun
 candidates of one problem are timed round-robin so that machine noise hits them alike.
 
 Usage:
-    .venv/bin/python benchmarks/bench_solvers.py            # full run (`make bench`), ~1.5 min
+    .venv/bin/python benchmarks/bench_solvers.py            # full run (`make bench`), 1-3 min
     .venv/bin/python benchmarks/bench_solvers.py --quick    # width 128, batch 32: smoke run
 
 The full run writes `benchmarks/results/bench_solvers.json` and replaces the section

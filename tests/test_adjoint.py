@@ -183,3 +183,63 @@ def test_gradient_accuracy_does_not_depend_on_loss_scale(scale):
     g = jax.grad(lambda p: scale * loss_implicit(p, x, solver))(params)
     g_ref = jax.grad(lambda p: scale * loss_unrolled(p, x))(params)
     assert _rel_err(g, g_ref) <= 1e-8
+
+
+# ------------------------------------------------------ the other adjoints
+
+
+def test_unrolled_adjoint_matches_implicit():
+    params, x = _problem()
+    solver = fpx.Picard(**TIGHT)
+    g_unr = jax.grad(loss_implicit)(params, x, solver, fpx.UnrolledAdjoint())
+    assert _rel_err(g_unr, jax.grad(loss_unrolled)(params, x)) <= 1e-8
+
+
+def test_unrolled_adjoint_differentiates_what_the_solver_did():
+    # Stopped after 3 Picard steps, the unrolled gradient is that of 3 unrolled steps
+    # (and not the implicit gradient of the true fixed point).
+    params, x = _problem()
+    adj = fpx.UnrolledAdjoint()
+    g = jax.grad(lambda p: fpx.fixed_point(cell, jnp.zeros(D), (p, x), adjoint=adj, max_steps=3, throw=False).value.sum())(params)
+
+    def three(p):
+        z = jnp.zeros(D)
+        for _ in range(3):
+            z = cell(z, (p, x))
+        return z.sum()
+
+    assert _rel_err(g, jax.grad(three)(params)) <= 1e-12
+
+
+def test_jfb_is_one_step_gradient_and_value_is_exact():
+    params, x = _problem()
+    solver = fpx.Picard(**TIGHT)
+    sol_value = fpx.fixed_point(cell, jnp.zeros(D), (params, x), solver=solver, adjoint=fpx.JFBAdjoint()).value
+    z_star = fpx.fixed_point(cell, jnp.zeros(D), (params, x), solver=solver).value
+    np.testing.assert_array_equal(sol_value, z_star)
+    g = jax.grad(lambda p: fpx.fixed_point(cell, jnp.zeros(D), (p, x), solver=solver, adjoint=fpx.JFBAdjoint()).value.sum())(params)
+    g_one_step = jax.grad(lambda p: cell(z_star, (p, x)).sum())(params)
+    assert _rel_err(g, g_one_step) <= 1e-12
+
+
+def test_phantom_error_shrinks_with_steps():
+    # Measured, not assumed equal: the phantom gradient is a truncated damped Neumann
+    # series; its error against the implicit gradient falls as steps grow.
+    params, x = _problem()
+    solver = fpx.Picard(**TIGHT)
+    g_ref = jax.grad(loss_unrolled)(params, x)
+    errors = [
+        _rel_err(jax.grad(loss_implicit)(params, x, solver, fpx.PhantomAdjoint(steps=k, damping=0.9)), g_ref)
+        for k in (1, 5, 20, 60)
+    ]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-4 < errors[0]
+    err_jfb = _rel_err(jax.grad(loss_implicit)(params, x, solver, fpx.JFBAdjoint()), g_ref)
+    assert 0.05 < err_jfb < 1.0
+
+
+def test_adjoint_argument_validation():
+    with pytest.raises(ValueError, match=r"PhantomAdjoint\(steps=...\)"):
+        fpx.PhantomAdjoint(steps=0)
+    with pytest.raises(ValueError, match=r"PhantomAdjoint\(damping=...\)"):
+        fpx.PhantomAdjoint(damping=1.5)
