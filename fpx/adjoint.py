@@ -78,66 +78,62 @@ class ImplicitAdjoint(AbstractAdjoint):
         return forward_solver
 
     def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw):
-        z0 = jax.lax.stop_gradient(z0)
-        backward_steps = self.max_steps if self.max_steps is not None else max_steps
-        config = _Config(
+        sol = _forward_without_gradient(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length)
+        z_star = jax.lax.stop_gradient(sol.value)
+        # Gradients reach `args` through one ordinary evaluation y = T(z*, args); the custom
+        # rule below only replaces y's cotangent ḡ by the adjoint solution u. Keeping the
+        # parameter vjp outside the custom_vjp matters under vmap: there JAX transposes the
+        # batched program (one matmul for a shared weight) instead of materialising one
+        # parameter gradient per batch member and summing them.
+        y = fn(z_star, args)
+        config = _AdjointConfig(
             forward=forward,
-            solver=solver,
-            max_steps=max_steps,
-            infeasibility=infeasibility,
-            trace_length=trace_length,
-            backward_solver=self.backward_solver(solver),
+            solver=self.backward_solver(solver),
             linear_solver=self.linear_solver,
-            backward_steps=backward_steps,
+            max_steps=self.max_steps if self.max_steps is not None else max_steps,
             throw=throw,
         )
-        return _implicit_solve((fn, args), z0, config)
+        value = _implicit_identity(y, z_star, _stop_gradient_arrays((fn, args)), config)
+        return Solution(value=value, result=sol.result, stats=sol.stats)
 
 
-class _Config(eqx.Module):
+class _AdjointConfig(eqx.Module):
     forward: Callable = eqx.field(static=True)
     solver: AbstractFixedPointSolver
-    max_steps: int = eqx.field(static=True)
-    infeasibility: Any
-    trace_length: int = eqx.field(static=True)
-    backward_solver: AbstractFixedPointSolver
     linear_solver: Any
-    backward_steps: int = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
 
 
-def _run_forward(fn_args, z0, config: _Config) -> Solution:
-    fn, args = fn_args
-    return config.forward(fn, z0, args, config.solver, config.max_steps, config.infeasibility, config.trace_length)
-
-
 @eqx.filter_custom_vjp
-def _implicit_solve(fn_args, z0, config):
-    return _run_forward(fn_args, z0, config)
+def _implicit_identity(y, z_star, fn_args, config):
+    """Returns `z*` (exactly); pulls a cotangent ḡ of `z*` back to `u = (I - J^T)^{-1} ḡ` on `y`."""
+    del y
+    return z_star
 
 
-@_implicit_solve.def_fwd
-def _implicit_solve_fwd(perturbed, fn_args, z0, config):
-    del perturbed
-    sol = _run_forward(fn_args, z0, config)
-    return sol, sol.value
+@_implicit_identity.def_fwd
+def _implicit_identity_fwd(perturbed, y, z_star, fn_args, config):
+    del perturbed, y
+    return z_star, None
 
 
-@_implicit_solve.def_bwd
-def _implicit_solve_bwd(z_star, grad_obj, perturbed, fn_args, z0, config):
+@_implicit_identity.def_bwd
+def _implicit_identity_bwd(residuals, gbar, perturbed, y, z_star, fn_args, config):
+    del residuals, perturbed, y
     from ._fixed_point import FixedPointError
 
     fn, args = fn_args
     gbar = jtu.tree_map(
         lambda g, z: jnp.zeros_like(z) if g is None else g,
-        grad_obj.value,
+        gbar,
         z_star,
         is_leaf=lambda x: x is None,
     )
     _, vjp_z = eqx.filter_vjp(lambda z: fn(z, args), z_star)
-    # The adjoint equation is linear in gbar, whose scale is arbitrary (it depends on how
-    # the loss is normalised): solve for gbar / |gbar| so that `atol` means the same thing
-    # for every loss, then scale back.
+    # The adjoint equation is linear in ḡ, whose scale is arbitrary (it depends on how the
+    # loss is normalised): solve for ḡ / |ḡ| so that `atol` means the same thing for
+    # every loss, then scale back.
     gbar_norm = two_norm(gbar)
     scale = jnp.where(gbar_norm > 0, gbar_norm, 1.0)
     gbar = jtu.tree_map(lambda g: g / scale.astype(g.dtype), gbar)
@@ -153,13 +149,7 @@ def _implicit_solve_bwd(z_star, grad_obj, perturbed, fn_args, z0, config):
         residual = jnp.asarray(jnp.nan)
     else:
         adjoint_sol = config.forward(
-            lambda u, _: tree_add(vjp_z(u)[0], gbar),
-            gbar,
-            None,
-            config.backward_solver,
-            config.backward_steps,
-            None,
-            0,
+            lambda u, _: tree_add(vjp_z(u)[0], gbar), gbar, None, config.solver, config.max_steps, None, 0
         )
         u = adjoint_sol.value
         failed = adjoint_sol.result != RESULTS.successful
@@ -175,26 +165,14 @@ def _implicit_solve_bwd(z_star, grad_obj, perturbed, fn_args, z0, config):
             if np.any(failed):
                 raise FixedPointError(
                     f"fpx.fixed_point: the backward (adjoint) solve of the implicit gradient failed "
-                    f"for {int(failed.sum())} of {failed.size} members (steps {np.asarray(num_steps).max()}, "
-                    f"residual {np.asarray(residual).max():.3e}).\n{RESULTS.backward_failed._enumeration[RESULTS.backward_failed]}"
+                    f"(steps {np.asarray(num_steps).max()}, residual {np.asarray(residual).max():.3e} "
+                    f"relative to |ḡ|).\n{RESULTS._index_to_message[int(RESULTS.backward_failed._value)]}"
                 )
 
         jax.debug.callback(check, failed, num_steps, residual)
     else:
         u = jtu.tree_map(lambda x: jnp.where(failed, jnp.nan, x), u)
-
-    # A perturbed leaf may arrive as a Python scalar (a closed-over `float` under `grad`);
-    # make it an array so that `filter_vjp` differentiates it.
-    fn_args = jtu.tree_map(lambda x, p: jnp.asarray(x) if p else x, fn_args, perturbed)
-    u = jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
-    _, vjp_theta = eqx.filter_vjp(lambda fa: fa[0](z_star, fa[1]), fn_args)
-    (grads,) = vjp_theta(u)
-    return jtu.tree_map(
-        lambda g, p: g if p else None,
-        grads,
-        perturbed,
-        is_leaf=lambda x: x is None,
-    )
+    return jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
 
 
 def _stop_gradient_arrays(tree):
