@@ -11,6 +11,31 @@ from .._misc import two_norm
 from ._safeguard import AbstractMemorySolver
 
 
+def spd_solve(a, b):
+    """Solve `a x = b` for a small symmetric positive definite `a` by an unrolled Cholesky.
+
+    Under `vmap` this is a few dozen fused elementwise operations over the batch, where
+    `jnp.linalg.solve` would call LAPACK once per batch member (on CPU that was a third of
+    an Anderson step for a batch of 128).
+    """
+    m = a.shape[0]
+    if m > 16:
+        return jnp.linalg.solve(a, b)
+    chol = [[None] * m for _ in range(m)]
+    for j in range(m):
+        diag = a[j, j] - sum(chol[j][k] ** 2 for k in range(j))
+        chol[j][j] = jnp.sqrt(jnp.maximum(diag, jnp.finfo(a.dtype).tiny))
+        for i in range(j + 1, m):
+            chol[i][j] = (a[i, j] - sum(chol[i][k] * chol[j][k] for k in range(j))) / chol[j][j]
+    y = []
+    for i in range(m):
+        y.append((b[i] - sum(chol[i][k] * y[k] for k in range(i))) / chol[i][i])
+    x = [None] * m
+    for i in reversed(range(m)):
+        x[i] = (y[i] - sum(chol[k][i] * x[k] for k in range(i + 1, m))) / chol[i][i]
+    return jnp.stack(x)
+
+
 class Anderson(AbstractMemorySolver):
     """Type-II Anderson acceleration with a scaled ridge and a residual safeguard.
 
@@ -61,15 +86,16 @@ class Anderson(AbstractMemorySolver):
         sq_norms = jnp.diagonal(gram)
         # A residual difference at rounding level carries no secant information (e.g. a
         # translation, whose "fixed point" is at infinity): leave that column out.
-        eps = jnp.finfo(g.dtype).eps
+        # Also leave out a column whose secant slope |dg|/|dz| is at rounding level: along
+        # it I - J is numerically singular and the step would be unbounded.
         dz_norms = jnp.linalg.norm(dz, axis=1)
-        noise = 100 * eps * jnp.maximum(jnp.linalg.norm(g), dz_norms)
+        noise = 100 * jnp.finfo(g.dtype).eps * jnp.maximum(state.r_acc, dz_norms)
         valid = (jnp.arange(m) < state.count) & (jnp.sqrt(sq_norms) > noise)
         scale = jnp.where(valid, jnp.sqrt(jnp.where(valid, sq_norms, 1.0)), 1.0)
         both = valid[:, None] & valid[None, :]
         scaled = jnp.where(both, gram / (scale[:, None] * scale[None, :]), jnp.eye(m, dtype=g.dtype))
         rhs = jnp.where(valid, (dg @ g) / scale, 0.0)
-        coeff = jnp.linalg.solve(scaled + lam * jnp.eye(m, dtype=g.dtype), rhs)
+        coeff = spd_solve(scaled + lam * jnp.eye(m, dtype=g.dtype), rhs)
         coeff = jnp.where(valid, coeff / scale, 0.0)
         coeff = jnp.where(jnp.isfinite(coeff), coeff, 0.0)
         return state.z_acc + self.beta * g - (dz + self.beta * dg).T @ coeff

@@ -38,16 +38,17 @@ class Broyden(AbstractMemorySolver):
     atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = two_norm
 
-    @staticmethod
-    def _apply(u, v, x):
-        return x + u.T @ (v @ x)
+    def _apply(self, state, u, v, x):
+        # H x = x + U^T (V x), over the valid memory slots only.
+        valid = jnp.arange(self.memory) < state.count
+        return x + u.T @ jnp.where(valid, v @ x, 0.0)
 
     def _new_pair(self, state, dz, dg):
         # s = dz, y = dF = -dg.  H_new = H + (s - H y) (H^T s)^T / (s^T H y).
         u, v = state.left, state.right
         s, y = dz, -dg
-        hy = self._apply(u, v, y)
-        hts = self._apply(v, u, s)
+        hy = self._apply(state, u, v, y)
+        hts = self._apply(state, v, u, s)
         denom = jnp.dot(s, hy)
         eps = jnp.finfo(s.dtype).eps
         ok = jnp.abs(denom) > eps * jnp.linalg.norm(s) * jnp.linalg.norm(hy)
@@ -56,4 +57,4 @@ class Broyden(AbstractMemorySolver):
 
     def _propose(self, state):
         # z - beta H F = z + beta H g.
-        return state.z_acc + self.beta * self._apply(state.left, state.right, state.g_acc)
+        return state.z_acc + self.beta * self._apply(state, state.left, state.right, state.g_acc)

@@ -28,7 +28,7 @@ class MemoryState(eqx.Module):
     from_memory: Bool[Array, ""]  # was the pending proposal built from a non-empty memory?
     left: Float[Array, "m n"]  # Anderson: dZ, Broyden: U
     right: Float[Array, "m n"]  # Anderson: dG, Broyden: V
-    count: Int[Array, ""]  # filled memory slots since the last reset (<= m)
+    count: Int[Array, ""]  # valid memory slots since the last reset (<= m); the rest are stale
     pos: Int[Array, ""]  # next slot to write
     num_rejected: Int[Array, ""]
     num_accepted: Int[Array, ""]
@@ -91,15 +91,15 @@ class AbstractMemorySolver(AbstractFixedPointSolver[MemoryState]):
 
         left_col, right_col, store = self._new_pair(state, zf - state.z_acc, g - state.g_acc)
         store = accept & has_prev & store
-        left = jnp.where(store, state.left.at[state.pos].set(left_col), state.left)
-        right = jnp.where(store, state.right.at[state.pos].set(right_col), state.right)
+        # One masked row write per array (slots beyond `count` are ignored by `_propose`,
+        # so a reset only has to zero the counters, not the memory).
+        row = (jnp.arange(self.memory) == state.pos)[:, None] & store
+        left = jnp.where(row, left_col[None, :], state.left)
+        right = jnp.where(row, right_col[None, :], state.right)
         count = jnp.where(store, jnp.minimum(state.count + 1, self.memory), state.count)
         pos = jnp.where(store, (state.pos + 1) % self.memory, state.pos)
-        # A rejection resets the memory: the next proposal is a plain relaxed step.
         count = jnp.where(accept, count, 0)
         pos = jnp.where(accept, pos, 0)
-        left = jnp.where(accept, left, 0)
-        right = jnp.where(accept, right, 0)
 
         state = MemoryState(
             z_acc=jnp.where(accept, zf, state.z_acc),
