@@ -13,6 +13,7 @@ from .adjoint import (
     JFBAdjoint as JFBAdjoint,
     PhantomAdjoint as PhantomAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
+    backward_probe as backward_probe,
 )
 from .solvers import (
     KM as KM,

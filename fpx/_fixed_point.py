@@ -322,6 +322,7 @@ def fixed_point(
     throw: bool = True,
     detect_infeasible: bool | DisplacementTest = False,
     trace_length: int = 0,
+    backward_probe: Array | None = None,
 ) -> Solution:
     """Find `z` with `z = fn(z, args)`.
 
@@ -345,6 +346,8 @@ def fixed_point(
       `DisplacementTest`); needs a solver with a drift law (Picard, KM, Halpern).
     - `trace_length`: if positive, `sol.stats["residual_trace"]` holds the residual norm of
       iterates `0 .. trace_length-1` (NaN after the last step).
+    - `backward_probe`: optional `fpx.backward_probe()`; differentiate with respect to it
+      to receive the adjoint solve's `[num_steps, residual_norm, failed]` as its gradient.
 
     **Returns:** an `fpx.Solution` with `value`, `result` and `stats` (`num_steps`,
     `residual_norm`, `num_fn_evals`, and solver-specific entries).
@@ -398,6 +401,7 @@ def fixed_point(
         infeasibility=detect_infeasible,
         trace_length=int(trace_length),
         throw=throw,
+        backward_probe=backward_probe,
     )
     if throw:
         sol = raise_if_failed(sol, solver, int(max_steps))

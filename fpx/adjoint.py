@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 
-from ._misc import tree_add, two_norm
+from ._misc import tree_add, tree_sub, two_norm
 from ._solution import RESULTS, Solution
 from .solvers._anderson import Anderson
 from .solvers._base import AbstractFixedPointSolver
@@ -36,6 +36,7 @@ class AbstractAdjoint(eqx.Module):
         infeasibility,
         trace_length: int,
         throw: bool,
+        backward_probe=None,
     ) -> Solution: ...
 
 
@@ -77,7 +78,7 @@ class ImplicitAdjoint(AbstractAdjoint):
             return Anderson(rtol=forward_solver.rtol, atol=forward_solver.atol, norm=forward_solver.norm)
         return forward_solver
 
-    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw):
+    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw, backward_probe=None):
         sol = _forward_without_gradient(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length)
         z_star = jax.lax.stop_gradient(sol.value)
         # Gradients reach `args` through one ordinary evaluation y = T(z*, args); the custom
@@ -93,7 +94,9 @@ class ImplicitAdjoint(AbstractAdjoint):
             max_steps=self.max_steps if self.max_steps is not None else max_steps,
             throw=throw,
         )
-        value = _implicit_identity(y, z_star, _stop_gradient_arrays((fn, args)), config)
+        if backward_probe is None:
+            backward_probe = jnp.zeros((BACKWARD_PROBE_SIZE,), jnp.result_type(float))
+        value = _implicit_identity((y, backward_probe), z_star, _stop_gradient_arrays((fn, args)), config)
         return Solution(value=value, result=sol.result, stats=sol.stats)
 
 
@@ -105,22 +108,47 @@ class _AdjointConfig(eqx.Module):
     throw: bool = eqx.field(static=True)
 
 
+BACKWARD_PROBE_SIZE = 3
+
+
+def backward_probe(dtype=None):
+    """A zero vector whose gradient reports the implicit adjoint solve.
+
+    Pass it as `fixed_point(..., backward_probe=probe)` (or to `fpx.nn.DEQ`) and
+    differentiate the loss with respect to it too: its cotangent is
+    `[num_steps, residual_norm, failed]` of the backward solve (summed over `vmap`ped
+    members, since the probe is shared). Only `ImplicitAdjoint` fills it. This is how a
+    training loop logs backward statistics without leaving `jit`.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    def loss(a, probe):
+        sol = fpx.fixed_point(lambda z, a: 0.5 * jnp.cos(z) + a, jnp.zeros(3), a, backward_probe=probe)
+        return jnp.sum(sol.value ** 2)
+    grad_a, (steps, residual, failed) = jax.grad(loss, argnums=(0, 1))(jnp.ones(3), fpx.backward_probe())
+    assert steps > 0 and failed == 0
+    ```
+    """
+    return jnp.zeros((BACKWARD_PROBE_SIZE,), dtype or jnp.result_type(float))
+
+
 @eqx.filter_custom_vjp
-def _implicit_identity(y, z_star, fn_args, config):
+def _implicit_identity(y_and_probe, z_star, fn_args, config):
     """Returns `z*` (exactly); pulls a cotangent ḡ of `z*` back to `u = (I - J^T)^{-1} ḡ` on `y`."""
-    del y
+    del y_and_probe
     return z_star
 
 
 @_implicit_identity.def_fwd
-def _implicit_identity_fwd(perturbed, y, z_star, fn_args, config):
-    del perturbed, y
+def _implicit_identity_fwd(perturbed, y_and_probe, z_star, fn_args, config):
+    del perturbed, y_and_probe
     return z_star, None
 
 
 @_implicit_identity.def_bwd
-def _implicit_identity_bwd(residuals, gbar, perturbed, y, z_star, fn_args, config):
-    del residuals, perturbed, y
+def _implicit_identity_bwd(residuals, gbar, perturbed, y_and_probe, z_star, fn_args, config):
+    del residuals
+    probe = y_and_probe[1]
     from ._fixed_point import FixedPointError
 
     fn, args = fn_args
@@ -146,7 +174,8 @@ def _implicit_identity_bwd(residuals, gbar, perturbed, y, z_star, fn_args, confi
         u = lin.value
         failed = lin.result != lx.RESULTS.successful
         num_steps = lin.stats.get("num_steps", jnp.array(0))
-        residual = jnp.asarray(jnp.nan)
+        operator_residual = tree_sub(gbar, operator.mv(u))
+        residual = two_norm(operator_residual)
     else:
         adjoint_sol = config.forward(
             lambda u, _: tree_add(vjp_z(u)[0], gbar), gbar, None, config.solver, config.max_steps, None, 0
@@ -172,7 +201,9 @@ def _implicit_identity_bwd(residuals, gbar, perturbed, y, z_star, fn_args, confi
         jax.debug.callback(check, failed, num_steps, residual)
     else:
         u = jtu.tree_map(lambda x: jnp.where(failed, jnp.nan, x), u)
-    return jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
+    u = jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
+    stats = jnp.stack([num_steps.astype(probe.dtype), residual.astype(probe.dtype), failed.astype(probe.dtype)])
+    return u, (stats if perturbed[1] else None)
 
 
 def _stop_gradient_arrays(tree):
@@ -210,8 +241,8 @@ class PhantomAdjoint(AbstractAdjoint):
         if not (isinstance(self.damping, (int, float)) and 0 < self.damping <= 1):
             raise ValueError(f"`PhantomAdjoint(damping=...)` must lie in (0, 1], got {self.damping!r}.")
 
-    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw):
-        del throw
+    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw, backward_probe=None):
+        del throw, backward_probe
         return _phantom(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length, self.steps, self.damping)
 
 
@@ -242,8 +273,8 @@ class JFBAdjoint(AbstractAdjoint):
     ```
     """
 
-    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw):
-        del throw
+    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw, backward_probe=None):
+        del throw, backward_probe
         return _phantom(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length, 1, 1.0)
 
 
@@ -264,8 +295,8 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     checkpoints: int | None = None
 
-    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw):
-        del throw
+    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw, backward_probe=None):
+        del throw, backward_probe
         import equinox.internal as eqxi
 
         loop = ft.partial(eqxi.while_loop, kind="checkpointed", max_steps=max_steps, checkpoints=self.checkpoints)

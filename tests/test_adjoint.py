@@ -243,3 +243,35 @@ def test_adjoint_argument_validation():
         fpx.PhantomAdjoint(steps=0)
     with pytest.raises(ValueError, match=r"PhantomAdjoint\(damping=...\)"):
         fpx.PhantomAdjoint(damping=1.5)
+
+
+def test_backward_probe_reports_the_adjoint_solve():
+    params, x = _problem()
+    solver = fpx.Picard(rtol=1e-10, atol=0.0)
+
+    def loss(params, probe):
+        sol = fpx.fixed_point(cell, jnp.zeros(D), (params, x), solver=solver, backward_probe=probe)
+        return jnp.sum(sol.value**2)
+
+    _, (steps, residual, failed) = jax.grad(loss, argnums=(0, 1))(params, fpx.backward_probe())
+    # The adjoint iteration contracts like the forward one: comparable step counts.
+    forward_steps = int(fpx.fixed_point(cell, jnp.zeros(D), (params, x), solver=solver).stats["num_steps"])
+    assert 0.5 * forward_steps <= float(steps) <= 1.5 * forward_steps
+    assert 0 < float(residual) <= 1e-10 * 10 and float(failed) == 0.0
+
+    # Shared across vmapped members, the probe sums their statistics.
+    def batch_loss(params, probe):
+        xs = jnp.stack([x, 2 * x])
+        return jnp.sum(jax.vmap(lambda x: jnp.sum(fpx.fixed_point(cell, jnp.zeros(D), (params, x), solver=solver, backward_probe=probe).value))(xs))
+
+    _, (steps2, _, _) = jax.grad(batch_loss, argnums=(0, 1))(params, fpx.backward_probe())
+    assert float(steps2) >= 2 * 0.5 * forward_steps
+
+
+def test_backward_probe_flags_a_failed_adjoint():
+    loss = lambda a, probe: fpx.fixed_point(
+        lambda z, a: 2.0 * z - a, jnp.zeros(3), a, solver=fpx.NewtonKrylov(),
+        adjoint=fpx.ImplicitAdjoint(solver=fpx.Picard(), max_steps=20), throw=False, backward_probe=probe,
+    ).value.sum()
+    _, (steps, _, failed) = jax.grad(loss, argnums=(0, 1))(jnp.ones(3), fpx.backward_probe())
+    assert float(failed) == 1.0 and float(steps) == 20.0

@@ -33,7 +33,8 @@ class DEQ(eqx.Module):
     is solved and stopped on its own.
 
     `z0` (warm start, e.g. the previous step's fixed point) defaults to
-    `cell.init_state(x)` when the cell defines it.
+    `cell.init_state(x)` when the cell defines it. `backward_probe` (an
+    `fpx.backward_probe()` you differentiate with respect to) reports the backward solve.
 
     ```python
     import jax, jax.numpy as jnp, jax.random as jr, fpx
@@ -50,7 +51,7 @@ class DEQ(eqx.Module):
     max_steps: int = eqx.field(static=True, default=100)
     throw: bool = eqx.field(static=True, default=False)
 
-    def __call__(self, x: PyTree, z0: PyTree | None = None) -> tuple[PyTree, dict[str, Any]]:
+    def __call__(self, x: PyTree, z0: PyTree | None = None, backward_probe=None) -> tuple[PyTree, dict[str, Any]]:
         if z0 is None:
             init_state = getattr(self.cell, "init_state", None)
             if init_state is None:
@@ -67,6 +68,7 @@ class DEQ(eqx.Module):
             adjoint=self.adjoint,
             max_steps=self.max_steps,
             throw=self.throw,
+            backward_probe=backward_probe,
         )
         stats = dict(sol.stats)
         stats["converged"] = _converged(sol)

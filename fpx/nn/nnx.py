@@ -52,7 +52,7 @@ class DEQ(nnx.Module):
         self.max_steps = max_steps
         self.throw = throw
 
-    def __call__(self, x, z0=None) -> tuple[Any, dict[str, Any]]:
+    def __call__(self, x, z0=None, backward_probe=None) -> tuple[Any, dict[str, Any]]:
         if z0 is None:
             init_state = getattr(self.cell, "init_state", None)
             if init_state is None:
@@ -68,7 +68,8 @@ class DEQ(nnx.Module):
             return nnx.merge(graphdef, state)(z, x)
 
         sol = fixed_point(
-            fn, z0, (state, x), solver=self.solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw
+            fn, z0, (state, x), solver=self.solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
+            backward_probe=backward_probe,
         )
         stats = dict(sol.stats)
         stats["converged"] = sol.result == RESULTS.successful
