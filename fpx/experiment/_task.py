@@ -1,0 +1,35 @@
+"""The interface an experiment implements for the generic runner."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+
+class Task(abc.ABC):
+    """A trainable experiment: pure functions of (state, hyperparameters, key).
+
+    `dynamic` lists the config paths whose values may differ between the members of one
+    vmapped sweep; the runner passes them as traced scalars in `hp` (keyed by path).
+    Sweeps over any other key (a width, a solver name) are run as separate groups, each
+    compiled once.
+
+    - `init(hp, key) -> state`
+    - `train_step(state, hp, key) -> (state, metrics)`: one optimizer step; `metrics` is
+      a dict of scalars (averaged over the chunk by the runner).
+    - `evaluate(state, hp) -> metrics`: a dict of scalars.
+    """
+
+    dynamic: ClassVar[tuple[str, ...]] = ("seed",)
+
+    @abc.abstractmethod
+    def init(self, hp: Mapping[str, Array], key: PRNGKeyArray) -> PyTree: ...
+
+    @abc.abstractmethod
+    def train_step(self, state: PyTree, hp: Mapping[str, Array], key: PRNGKeyArray) -> tuple[PyTree, dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def evaluate(self, state: PyTree, hp: Mapping[str, Array]) -> dict[str, Any]: ...

@@ -1,0 +1,1 @@
+"""Experiment tasks, registered by name with `register_task`."""
