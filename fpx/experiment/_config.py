@@ -198,7 +198,7 @@ def check_values(config: ConfigDict, constraints: Mapping[str, tuple[Check, str]
 
 def resolve_sweep_key(config: ConfigDict, key: str) -> str:
     """`lr` -> `optim.lr`: a sweep key is a full path or a leaf name that is unique."""
-    paths = [p for p in leaf_paths(config.to_dict()) if not p.startswith("sweep.")]
+    paths = [p for p in leaf_paths(config.to_dict()) if not p.startswith(("sweep.", "variants."))]
     if key in paths:
         return key
     matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]

@@ -28,7 +28,9 @@ from ._config import (
     check_keys,
     check_values,
     get_path,
+    leaf_paths,
     load_config,
+    resolve_sweep_key,
     sweep_items,
     set_path,
 )
@@ -75,8 +77,13 @@ def validate(config: ConfigDict, schema: Mapping) -> None:
     for key in ("experiment", "seed", "train", "sweep"):
         if key not in config:
             raise ConfigError(f"config has no {key!r} entry; every experiment config needs it.")
-    plain = {k: v for k, v in config.to_dict().items() if k not in REGISTRIES and k != "sweep"}
-    check_keys(plain, {k: v for k, v in schema.items() if k not in REGISTRIES and k != "sweep"})
+    free = set(REGISTRIES) | {"sweep", "variants"}
+    plain = {k: v for k, v in config.to_dict().items() if k not in free}
+    check_keys(plain, {k: v for k, v in schema.items() if k not in free})
+    for name, assignment in variant_items(config):
+        for path, value in assignment.items():
+            _check_type(f"variants.{name}.{path}", get_path(config.to_dict(), path), value)
+        _member_config(config, assignment)
     for section in REGISTRIES:
         if section in config:
             build(section, config[section].to_dict())  # checks names, arguments and values
@@ -105,14 +112,35 @@ def validate(config: ConfigDict, schema: Mapping) -> None:
         )
 
 
+VARIANT = "variant"
+
+
+def variant_items(config: ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+    """`config.variants`: named sets of overrides (e.g. `mlp: {model: {kind: "mlp"}}`)."""
+    variants = config.get("variants", None)
+    if not variants:
+        return []
+    out = []
+    for name, assignment in variants.items():
+        if not isinstance(assignment, (Mapping, ConfigDict)):
+            raise ConfigError(f"variants.{name} must be a dict of config overrides, got {assignment!r}.")
+        out.append((name, {resolve_sweep_key(config, k): v for k, v in leaf_paths(assignment.to_dict()).items()}))
+    return out
+
+
 def expand_sweep(config: ConfigDict) -> list[dict[str, Any]]:
-    """The product of the sweep lists, as `{config path: value}` per member (in order)."""
+    """Members as `{config path: value}` (in order): the variants (if any) times the
+    product of the sweep lists. A variant's name is recorded under the key `variant`."""
     items = sweep_items(config)
     keys = [k for k, _ in items]
     values = [v for _, v in items]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"the sweep names the same config key twice: {keys}.")
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)] if keys else [{}]
+    combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)] if keys else [{}]
+    variants = variant_items(config)
+    if not variants:
+        return combos
+    return [{VARIANT: name, **assignment, **combo} for name, assignment in variants for combo in combos]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -250,8 +278,12 @@ def _units(config, members, selected, sweep_chunk):
 def _member_config(config: ConfigDict, assignment: Mapping[str, Any]) -> ConfigDict:
     cfg = ConfigDict(config.to_dict())
     for path, value in assignment.items():
-        set_path(cfg, path, value)
+        if path != VARIANT:
+            set_path(cfg, path, value)
     _prune_registry_sections(cfg)
+    for section in REGISTRIES:
+        if section in cfg:
+            build(section, cfg[section].to_dict())
     return cfg
 
 

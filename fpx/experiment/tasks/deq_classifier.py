@@ -35,7 +35,10 @@ def digits_split(test_fraction: float, seed: int):
     x_train, x_test, y_train, y_test = train_test_split(
         x.astype(np.float32), y, test_size=test_fraction, stratify=y, random_state=seed
     )
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    # Pixels that are constant on the training split keep scale 1 (as StandardScaler
+    # does): dividing by ~0 would blow up test images that differ there.
+    mean, std = x_train.mean(0), x_train.std(0)
+    std = np.where(std > 1e-8, std, 1.0)
     return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
 
 
