@@ -11,19 +11,21 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) scripts/quickstart.py
+	$(VENV)/bin/fpx run configs/quickstart.py --progress
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q tests
+	$(PY) -m pytest -q --nbmake notebooks
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbmake notebooks
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solvers.py

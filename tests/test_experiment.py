@@ -197,3 +197,26 @@ def test_static_sweep_axes_run_as_groups(tmp_path):
     rows = {r["hparams"]["solver.name"]: r for r in summary["members"]}
     assert set(rows) == {"picard", "anderson"}
     assert rows["anderson"]["train/forward_steps"] < rows["picard"]["train/forward_steps"]
+
+
+def test_submitit_local_array_then_report(tmp_path):
+    # submitit's local executor runs the array tasks as separate processes, as SLURM would.
+    # The CLI itself runs in a subprocess too (as a user would run it).
+    pytest.importorskip("submitit", reason="the optional extra fpx[cluster] is not installed")
+    overrides = ["--config.dtype=float64", "--config.sweep.lr=[1e-3,3e-3,1e-2]"]
+    command = [sys.executable, "-m", "fpx.cli", "run", QUICK, "--launcher=submitit", "--submitit_cluster=local",
+               "--shards=2", "--wait", "--timeout_min=10", "--workdir", str(tmp_path / "array"), *overrides]
+    env = {**os.environ, "JAX_ENABLE_X64": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "submitted 2 shards" in done.stdout
+    fx.run(QUICK, {"dtype": "float64", "sweep.lr": "[1e-3, 3e-3, 1e-2]"}, workdir=tmp_path / "whole")
+    assert fx.report([tmp_path / "array"], out=tmp_path / "r1") == fx.report([tmp_path / "whole"], out=tmp_path / "r2")
+
+
+def test_progress_bar_is_one_bar_for_the_whole_sweep(tmp_path, capsys):
+    fx.run(QUICK, {"sweep.lr": "[1e-3, 3e-3, 1e-2]"}, workdir=tmp_path / "p", progress=True)
+    err = capsys.readouterr().err
+    assert "40/40" in err and "120/" not in err
+    fx.run(QUICK, {"sweep.lr": "[1e-3]"}, workdir=tmp_path / "q", progress=False)
+    assert "quickstart" not in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Quickstart: solve a deep-equilibrium (DEQ) cell with every fpx solver and differentiate it.
 
-Run with `make run`. Prints a table of steps, function evaluations, residuals and timings,
+Run with `.venv/bin/python examples/deq_solvers.py`. Prints a table of steps, function evaluations, residuals and timings,
 then checks the implicit gradient against backpropagation through an unrolled solve.
 """
 
