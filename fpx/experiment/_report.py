@@ -9,13 +9,14 @@ from collections.abc import Sequence
 from ._plots import plot_records
 from ._runner import read_metrics
 
-DEFAULT_COLUMNS = (
+REPORT_COLUMNS = (
     "eval/accuracy",
     "eval/loss",
     "train/loss",
     "train/forward_steps",
     "train/backward_steps",
     "eval/converged_fraction",
+    "ms_per_step",
 )
 
 
@@ -39,7 +40,7 @@ def collect(paths: Sequence[str | pathlib.Path]) -> tuple[list[dict], list[dict]
         summary = json.loads((d / "summary.json").read_text())
         name = json.loads((d / "config.json").read_text()).get("name", d.name)
         for row in summary["members"]:
-            rows.append({"run": name, "ms_per_step": summary.get("ms_per_step"), **row})
+            rows.append({"run": name, **row})
         records.extend({**r, "run": name} for r in read_metrics(d))
     rows.sort(key=lambda r: (r["run"], r["member"]))
     return rows, records
@@ -51,7 +52,7 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def markdown_table(rows: list[dict], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
+def markdown_table(rows: list[dict], columns: Sequence[str] = REPORT_COLUMNS) -> str:
     hp_keys = sorted({k for r in rows for k in r["hparams"]})
     columns = [c for c in columns if any(c in r for r in rows)]
     header = ["run", "member", *hp_keys, *columns, "status", "steps"]
@@ -62,10 +63,12 @@ def markdown_table(rows: list[dict], columns: Sequence[str] = DEFAULT_COLUMNS) -
     return "\n".join(lines)
 
 
-def report(paths: Sequence[str | pathlib.Path], out: str | pathlib.Path | None = None) -> str:
+def report(
+    paths: Sequence[str | pathlib.Path], out: str | pathlib.Path | None = None, columns: Sequence[str] = REPORT_COLUMNS
+) -> str:
     """Write `report.md` and `plots/` for the runs under `paths` into `out`; return the table."""
     rows, records = collect(paths)
-    table = markdown_table(rows)
+    table = markdown_table(rows, columns)
     out = pathlib.Path(out) if out is not None else pathlib.Path(paths[0])
     out.mkdir(parents=True, exist_ok=True)
     # Plots are keyed by member within one run; prefix members by run when merging several.

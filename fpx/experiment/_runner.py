@@ -343,6 +343,9 @@ def _train_unit(config, unit, unit_index, members, workdir, writer, bar, stop_af
         else:
             timing["train_s"] += elapsed
             timing["steps"] += every
+            # Wall-clock goes to its own file: metrics.jsonl stays deterministic (resume test).
+            with (workdir / "timing.jsonl").open("a") as f:
+                f.write(json.dumps({"unit": unit_index, "step": start + every, "members": len(ms), "ms_per_step": 1e3 * elapsed / every}) + "\n")
         start += every
         records = []
         for j, m in enumerate(ms):
@@ -372,13 +375,21 @@ def summarize(workdir, members, timing) -> dict[str, Any]:
     for r in records:
         if r["member"] not in last or r["step"] >= last[r["member"]]["step"]:
             last[r["member"]] = r
+    unit_ms: dict[int, list[float]] = {}
+    timing_file = pathlib.Path(workdir) / "timing.jsonl"
+    if timing_file.exists():
+        for line in timing_file.read_text().splitlines():
+            t = json.loads(line)
+            unit_ms.setdefault(t["unit"], []).append(t["ms_per_step"])
     rows = []
     for m in sorted(last):
         r = last[m]
         finite = all(np.isfinite(v) for k, v in r.items() if k.startswith(("train/", "eval/")) and isinstance(v, (int, float)))
         converged = r.get("eval/converged_fraction", 1.0)
         status = "diverged" if not finite else ("ok" if converged >= 1.0 else "unconverged")
+        times = unit_ms.get(r["unit"])
         rows.append({"member": m, "hparams": r["hparams"], "step": r["step"], "status": status,
+                     "ms_per_step": float(np.median(times)) if times else None,
                      **{k: v for k, v in r.items() if k.startswith(("train/", "eval/"))}})
     train_s = sum(t["train_s"] for t in timing.values())
     steps = sum(t["steps"] for t in timing.values())
