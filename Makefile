@@ -28,7 +28,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q --nbmake notebooks
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_solvers.py
+	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

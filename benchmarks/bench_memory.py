@@ -23,6 +23,7 @@ import pathlib
 import platform
 import sys
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -91,7 +92,8 @@ def table(rows) -> list[str]:
 
 def markdown(meta, rows) -> str:
     head = (
-        f"Run: {meta['date']}, {meta['machine']}, jax {meta['jax']}. {meta['problem']}; "
+        f"Run: {meta['date']}, {meta['machine']}, jax {meta['jax']}, equinox {meta.get('equinox')}, "
+        f"fpx {meta.get('fpx')}. {meta['problem']}; "
         f"`jax.jit(jax.grad(loss))` compiled for each `max_steps`, "
         f"`compiled.memory_analysis().temp_size_in_bytes` (XLA's temporary buffers, inputs and "
         f"outputs excluded)."
@@ -118,6 +120,8 @@ def main(argv=None):
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.platform()}, {jax.device_count()} x {jax.devices()[0].device_kind}",
         "jax": jax.__version__,
+        "equinox": eqx.__version__,
+        "fpx": fpx.__version__,
         "problem": f"DEQ tanh cell, width {WIDTH}, batch {BATCH}, float32, contraction {GAMMA}",
     }
     RESULTS.mkdir(exist_ok=True)

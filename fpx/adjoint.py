@@ -186,19 +186,18 @@ def _implicit_identity_bwd(residuals, gbar, perturbed, y_and_probe, z_star, fn_a
         residual = adjoint_sol.stats["residual_norm"]
 
     if config.throw:
+        from ._fixed_point import unvmapped_worst
 
-        def check(failed, num_steps, residual):
-            import numpy as np
-
-            failed = np.asarray(failed)
-            if np.any(failed):
+        def check(any_failed, num_steps, residual):
+            if bool(any_failed):
                 raise FixedPointError(
                     f"fpx.fixed_point: the backward (adjoint) solve of the implicit gradient failed "
-                    f"(steps {np.asarray(num_steps).max()}, residual {np.asarray(residual).max():.3e} "
-                    f"relative to |ḡ|).\n{RESULTS._index_to_message[int(RESULTS.backward_failed._value)]}"
+                    f"(steps {int(num_steps)}, residual {float(residual):.3e} relative to |ḡ|).\n"
+                    f"{RESULTS._index_to_message[int(RESULTS.backward_failed._value)]}"
                 )
 
-        jax.debug.callback(check, failed, num_steps, residual)
+        any_failed, (worst_steps, worst_residual) = unvmapped_worst(failed, jnp.asarray(num_steps), jnp.asarray(residual))
+        jax.debug.callback(check, any_failed, worst_steps, worst_residual)
     else:
         u = jtu.tree_map(lambda x: jnp.where(failed, jnp.nan, x), u)
     u = jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
