@@ -11,8 +11,35 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _label(hparams: dict) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in hparams.items()) or "run"
+def _short(path: str) -> str:
+    parts = path.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def _labeller(all_hparams: list[dict]):
+    """Label members by the variant and the keys that vary (not those a variant fixes)."""
+    keys = sorted({k for h in all_hparams for k in h})
+    varying = [k for k in keys if len({repr(h.get(k)) for h in all_hparams}) > 1]
+    if "variant" in keys:
+        by_variant: dict = defaultdict(set)
+        for h in all_hparams:
+            for k in varying:
+                by_variant[(h.get("variant"), k)].add(repr(h.get(k)))
+        varying = ["variant"] + [
+            k for k in varying if k != "variant" and any(len(v) > 1 for (var, kk), v in by_variant.items() if kk == k)
+        ]
+
+    def label(hparams: dict) -> str:
+        parts = []
+        for k in varying:
+            v = hparams.get(k)
+            if k == "variant":
+                parts.append(str(v))
+            else:
+                parts.append(f"{_short(k)}={v:g}" if isinstance(v, float) else f"{_short(k)}={v}")
+        return ", ".join(parts) or "run"
+
+    return label
 
 
 def plot_records(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
@@ -25,6 +52,7 @@ def plot_records(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
         return []
     written = []
     keys = sorted({k for r in records for k in r if k.startswith(("train/", "eval/"))})
+    _label = _labeller([rs[0]["hparams"] for rs in series.values()])
 
     def curves(names, filename, title):
         names = [n for n in names if n in keys]
@@ -38,11 +66,13 @@ def plot_records(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
             ax.set_xlabel("step")
             ax.set_title(name)
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()
         fig.suptitle(title)
         fig.tight_layout()
+        if len(labels) > 1:
+            fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         path = out / filename
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
 
