@@ -19,8 +19,21 @@ def _call_cell(z, cell_and_x):
     return cell(z, x)
 
 
-def _converged(sol):
-    return sol.result == RESULTS.successful
+def initial_state(cell, x, z0):
+    """`z0` if given, else `cell.init_state(x)`; a clear error when neither exists."""
+    if z0 is not None:
+        return z0
+    init_state = getattr(cell, "init_state", None)
+    if init_state is None:
+        raise ValueError(
+            f"DEQ needs a starting state: pass `z0=` or give {type(cell).__name__} an `init_state(x)` method."
+        )
+    return init_state(x)
+
+
+def layer_stats(sol) -> dict[str, Any]:
+    """The solver statistics a DEQ layer returns, plus a per-sample `converged` flag."""
+    return {**sol.stats, "converged": sol.result == RESULTS.successful}
 
 
 class DEQ(eqx.Module):
@@ -52,17 +65,9 @@ class DEQ(eqx.Module):
     throw: bool = eqx.field(static=True, default=False)
 
     def __call__(self, x: PyTree, z0: PyTree | None = None, backward_probe=None) -> tuple[PyTree, dict[str, Any]]:
-        if z0 is None:
-            init_state = getattr(self.cell, "init_state", None)
-            if init_state is None:
-                raise ValueError(
-                    f"DEQ needs a starting state: pass `z0=` or give {type(self.cell).__name__} an "
-                    f"`init_state(x)` method."
-                )
-            z0 = init_state(x)
         sol = fixed_point(
             _call_cell,
-            z0,
+            initial_state(self.cell, x, z0),
             (self.cell, x),
             solver=self.solver,
             adjoint=self.adjoint,
@@ -70,7 +75,5 @@ class DEQ(eqx.Module):
             throw=self.throw,
             backward_probe=backward_probe,
         )
-        stats = dict(sol.stats)
-        stats["converged"] = _converged(sol)
-        return sol.value, stats
+        return sol.value, layer_stats(sol)
 

@@ -7,9 +7,9 @@ from typing import Any
 from flax import nnx
 
 from .._fixed_point import fixed_point
-from .._solution import RESULTS
 from ..adjoint import AbstractAdjoint, ImplicitAdjoint
 from ..solvers import AbstractFixedPointSolver, Anderson
+from ._deq import initial_state, layer_stats
 
 
 class DEQ(nnx.Module):
@@ -53,14 +53,7 @@ class DEQ(nnx.Module):
         self.throw = throw
 
     def __call__(self, x, z0=None, backward_probe=None) -> tuple[Any, dict[str, Any]]:
-        if z0 is None:
-            init_state = getattr(self.cell, "init_state", None)
-            if init_state is None:
-                raise ValueError(
-                    f"DEQ needs a starting state: pass `z0=` or give {type(self.cell).__name__} an "
-                    f"`init_state(x)` method."
-                )
-            z0 = init_state(x)
+        z0 = initial_state(self.cell, x, z0)
         graphdef, state = nnx.split(self.cell)
 
         def fn(z, args):
@@ -71,6 +64,4 @@ class DEQ(nnx.Module):
             fn, z0, (state, x), solver=self.solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
             backward_probe=backward_probe,
         )
-        stats = dict(sol.stats)
-        stats["converged"] = sol.result == RESULTS.successful
-        return sol.value, stats
+        return sol.value, layer_stats(sol)
