@@ -5,6 +5,7 @@ from ._fixed_point import (
     FixedPointError as FixedPointError,
     fixed_point as fixed_point,
 )
+from .feasibility._feasible_point import feasible_point as feasible_point
 from ._misc import max_norm as max_norm, rms_norm as rms_norm, two_norm as two_norm
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from .adjoint import (

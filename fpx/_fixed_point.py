@@ -211,7 +211,7 @@ def _iterate(
         "num_steps": final.step,
         "residual_norm": residual,
     }
-    per_step = type(solver).fn_evals_per_step
+    per_step = solver.fn_evals_per_step
     if per_step is not None:
         stats["num_fn_evals"] = 1 + per_step * final.step
     stats.update(solver.stats(final.state))

@@ -37,6 +37,12 @@ class RESULTS(eqx.Enumeration):
         "stronger adjoint solver (e.g. `ImplicitAdjoint(linear_solver=lineax.GMRES(...))`) "
         "or make the operator more contractive."
     )
+    gap_not_closed = (
+        "The iteration passed the fixed-point test, but its point is not within tolerance of "
+        "every set (see `sol.stats['gap']`) and no verified certificate of infeasibility was "
+        "found: the iterates may have run off (an accelerated solver on an infeasible "
+        "problem). Use a drifting solver (Picard, KM, Halpern) with infeasibility detection."
+    )
     breakdown = (
         "The solver broke down (a quasi-Newton or Krylov update became singular) and "
         "could not continue from its best iterate."
