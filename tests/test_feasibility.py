@@ -8,28 +8,22 @@ import pytest
 import fpx
 
 
+# The sets come from the library's projections (fpx.feasibility), tested on their own in
+# tests/test_projections.py.
 def line(x1):
-    return lambda z: z.at[0].set(x1)
+    return lambda z: fpx.feasibility.project_hyperplane(z, jnp.array([1.0, 0.0]), x1)
 
 
 def ball(center, radius=1.0):
-    center = jnp.asarray(center)
-
-    def project(z):
-        d = z - center
-        return center + d / jnp.maximum(1.0, jnp.linalg.norm(d) / radius)
-
-    return project
+    return lambda z: fpx.feasibility.project_l2_ball(z, radius, jnp.asarray(center))
 
 
 def box(lo, hi):
-    return lambda z: jnp.clip(z, lo, hi)
+    return lambda z: fpx.feasibility.project_box(z, lo, hi)
 
 
 def affine(A, b):
-    A, b = jnp.asarray(A), jnp.asarray(b)
-    gram = A @ A.T
-    return lambda z: z - A.T @ jnp.linalg.solve(gram, A @ z - b)
+    return lambda z: fpx.feasibility.project_affine(z, jnp.asarray(A), jnp.asarray(b))
 
 
 Z0 = jnp.array([0.3, -2.0])
