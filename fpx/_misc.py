@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
@@ -56,15 +55,7 @@ def ravel(tree):
     return ravel_pytree(tree)
 
 
-def finite_or_zero(x):
-    return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
-
-
 def dtype_eps(tree) -> float:
     leaves = jtu.tree_leaves(tree)
     dtype = jnp.result_type(*leaves) if leaves else jnp.float32
     return float(jnp.finfo(dtype).eps)
-
-
-def is_inexact(x) -> bool:
-    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jnp.issubdtype(x.dtype, jnp.inexact)

@@ -61,9 +61,6 @@ def build_task(config: ConfigDict):
     return TASKS[name](config)
 
 
-BASE_CONSTRAINTS = {}
-
-
 def resolve_config(spec_or_config, overrides: Mapping[str, str] | None = None) -> ConfigDict:
     """Load (if given a `path[:preset]`), override and validate a config."""
     config = load_config(spec_or_config) if isinstance(spec_or_config, str) else spec_or_config

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
-import jax.numpy as jnp
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 from .._solution import RESULTS
@@ -89,7 +88,3 @@ class AbstractFixedPointSolver(eqx.Module, Generic[State]):
         infeasibility detection is unavailable with it.
         """
         return None
-
-
-def as_float(x, like) -> Array:
-    return jnp.asarray(x, dtype=jnp.result_type(like))
