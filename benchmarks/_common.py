@@ -254,3 +254,44 @@ def update_markdown_section(section: str, begin: str, end: str, heading: str, pa
         path.write_text(text.rstrip("\n") + f"\n\n{heading}\n\n" + block + "\n")
         return
     path.write_text(f"# Benchmarks\n\n{heading}\n\n" + block + "\n")
+
+
+def add_common_arguments(parser) -> None:
+    """The options every DEQ-cell benchmark takes (problem, tolerances, outputs)."""
+    import argparse
+
+    parser.add_argument("--quick", action="store_true", help="smaller problem (width 128, batch 32), 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed warm calls per candidate (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input-scale", type=float, default=0.2, help="std of the entries of U x (b: a tenth of it)")
+    parser.add_argument("--rtol", type=float, default=1e-5)
+    parser.add_argument("--atol", type=float, default=1e-6)
+    parser.add_argument("--max-steps", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    parser.add_argument(
+        "--update-md",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rewrite the generated section of BENCHMARKS.md (default: on for the full run, off with --quick)",
+    )
+
+
+def common_config(opts, quick: dict, full: dict, name: str, **extra) -> tuple[dict, Path, bool]:
+    """(config, JSON output path, whether to update BENCHMARKS.md) from the common options."""
+    cfg = dict(quick if opts.quick else full)
+    if opts.repeats is not None:
+        cfg["repeats"] = opts.repeats
+    cfg.update(
+        quick=opts.quick,
+        seed=opts.seed,
+        input_scale=opts.input_scale,
+        rtol=opts.rtol,
+        atol=opts.atol,
+        max_steps=opts.max_steps,
+        dtype="float32",
+        gammas=list(cfg["gammas"]),
+        **extra,
+    )
+    out_path = opts.out or RESULTS_DIR / (f"{name}_quick.json" if opts.quick else f"{name}.json")
+    update_md = (not opts.quick) if opts.update_md is None else opts.update_md
+    return cfg, out_path, update_md

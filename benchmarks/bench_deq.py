@@ -70,8 +70,9 @@ import optimistix as optx  # noqa: E402
 
 import fpx  # noqa: E402
 from _common import (  # noqa: E402
+    add_common_arguments,
+    common_config,
     MD_PATH,
-    RESULTS_DIR,
     _e,
     _f,
     jacobian_spectral_radius,
@@ -627,45 +628,18 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller problem (width 128, batch 32), 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="timed warm calls per candidate (median)")
+    add_common_arguments(parser)
     parser.add_argument("--pairs", type=int, default=None, help="paired calls for the fpx / hand-written ratio")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--input-scale", type=float, default=0.2, help="std of the entries of U x (b: a tenth of it)")
-    parser.add_argument("--rtol", type=float, default=1e-5)
-    parser.add_argument("--atol", type=float, default=1e-6)
-    parser.add_argument("--max-steps", type=int, default=5000)
     parser.add_argument(
         "--symmetric", action=argparse.BooleanOptionalAction, default=True, help="also run the symmetric-W problems"
     )
-    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
-    parser.add_argument(
-        "--update-md",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="rewrite the generated section of BENCHMARKS.md (default: on for the full run, off with --quick)",
-    )
     opts = parser.parse_args(argv)
-
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.repeats is not None:
-        cfg["repeats"] = opts.repeats
-    if opts.pairs is not None:
-        cfg["pairs"] = opts.pairs
-    cfg.update(
-        quick=opts.quick,
-        seed=opts.seed,
-        input_scale=opts.input_scale,
-        rtol=opts.rtol,
-        atol=opts.atol,
-        max_steps=opts.max_steps,
-        dtype="float32",
-        spectral_samples=8,
-        gammas=list(cfg["gammas"]),
+    cfg, out_path, update_md = common_config(
+        opts, QUICK, FULL, "bench_deq", spectral_samples=8,
         kinds=["orthogonal", "symmetric"] if opts.symmetric else ["orthogonal"],
     )
-    out_path = opts.out or RESULTS_DIR / ("bench_deq_quick.json" if opts.quick else "bench_deq.json")
-    update_md = (not opts.quick) if opts.update_md is None else opts.update_md
+    if opts.pairs is not None:
+        cfg["pairs"] = opts.pairs
 
     start = time.perf_counter()
     machine = machine_info()

@@ -104,6 +104,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from .experiment._config import config_module
 
     root = pathlib.Path(args.root)
     files = sorted(p for p in root.rglob("*.py") if not p.name.startswith("_"))
@@ -111,25 +112,15 @@ def cmd_list(args) -> int:
         print(f"no configs under {root}/")
         return 1
     for p in files:
-        doc = ""
-        text = p.read_text()
-        if text.lstrip().startswith('"""'):
-            doc = text.lstrip()[3:].split('"""')[0].strip().splitlines()[0]
         try:
-            presets = _presets(p)
-        except Exception:  # noqa: BLE001
-            presets = ""
-        print(f"{str(p):<32} {presets:<22} {doc}")
+            module = config_module(p)
+        except Exception as e:  # noqa: BLE001  (list the others; name the broken one)
+            print(f"{str(p):<32} (cannot be imported: {type(e).__name__}: {e})")
+            continue
+        presets = getattr(module, "PRESETS", ())
+        doc = (module.__doc__ or "").strip().splitlines()
+        print(f"{str(p):<32} {(':' + '|'.join(presets)) if presets else '':<22} {doc[0] if doc else ''}")
     return 0
-
-
-def _presets(path: pathlib.Path) -> str:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return ":" + "|".join(getattr(module, "PRESETS", ())) if getattr(module, "PRESETS", ()) else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,14 +32,20 @@ def split_spec(spec: str) -> tuple[pathlib.Path, str | None]:
     return pathlib.Path(path), (preset or None)
 
 
+def config_module(path: pathlib.Path):
+    """Import a config file as a module (its `get_config`, `PRESETS`, docstring)."""
+    module_spec = importlib.util.spec_from_file_location(f"fpx_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str) -> ConfigDict:
     """Load `path/to/config.py[:preset]` by calling its `get_config(preset)`."""
     path, preset = split_spec(spec)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist (run `fpx list` for the available configs).")
-    module_spec = importlib.util.spec_from_file_location(f"fpx_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = config_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no `get_config(arg)` function.")
     presets = getattr(module, "PRESETS", None)

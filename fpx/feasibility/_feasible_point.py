@@ -88,6 +88,11 @@ def _dist(p, x):
     return _norm(tree_sub(p(x), x))
 
 
+def _gap_tolerance(solver, value):
+    """A point is in a set when its distance is within the solver's `atol + rtol |value|`."""
+    return solver.atol + solver.rtol * _norm(value)
+
+
 class _GapTerminated(AbstractFixedPointSolver):
     """Wraps a solver so that it stops only when the point is also close to every set.
 
@@ -133,7 +138,7 @@ class _GapTerminated(AbstractFixedPointSolver):
     def terminate(self, z, fz, residual_norm, state):
         converged, result = self.inner.terminate(z, fz, residual_norm, state)
         value = self.point(z)
-        tol = self.inner.atol + self.inner.rtol * _norm(value)
+        tol = _gap_tolerance(self.inner, value)
         gaps = jnp.stack([_dist(p, value) for p in self.projections])
         settled = jnp.all(gaps <= tol)
         if len(self.projections) == 2:
@@ -215,7 +220,7 @@ def feasible_point(
     sol = fixed_point(T, z0, None, solver=wrapped, max_steps=max_steps, throw=False, detect_infeasible=detect_infeasible)
     value = point(sol.value)
     gaps = jnp.stack([_dist(p, value) for p in projections])
-    tol = solver.atol + solver.rtol * _norm(value)
+    tol = _gap_tolerance(solver, value)
     feasible = jnp.all(gaps <= tol)
 
     certificate = jtu.tree_map(jnp.zeros_like, value)
