@@ -50,7 +50,14 @@ def register_task(name: str):
 
 
 def _load_tasks():
-    from .tasks import deq_classifier  # noqa: F401  (registers itself)
+    # Every module in fpx/experiment/tasks registers its task on import.
+    import importlib
+    import pkgutil
+
+    from . import tasks
+
+    for module in pkgutil.iter_modules(tasks.__path__):
+        importlib.import_module(f"{tasks.__name__}.{module.name}")
 
 
 def build_task(config: ConfigDict):
