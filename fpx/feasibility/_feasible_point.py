@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
@@ -137,6 +138,12 @@ class _GapTerminated(AbstractFixedPointSolver):
 
     def terminate(self, z, fz, residual_norm, state):
         converged, result = self.inner.terminate(z, fz, residual_norm, state)
+        # The gap checks cost several projections: only pay for them once the residual
+        # test passes (under vmap the cond becomes a select and both sides run).
+        settled = jax.lax.cond(converged, self._settled, lambda z, r: jnp.array(False), z, residual_norm)
+        return converged & settled, result
+
+    def _settled(self, z, residual_norm):
         value = self.point(z)
         tol = _gap_tolerance(self.inner, value)
         gaps = jnp.stack([_dist(p, value) for p in self.projections])
@@ -145,8 +152,7 @@ class _GapTerminated(AbstractFixedPointSolver):
             _, _, verified = _best_approximation_pair(self.projections, value, tol, self.certificate_rtol)
         else:
             verified = _stationary_cycle(gaps, residual_norm, tol, self.certificate_rtol)
-        settled = settled | verified
-        return converged & settled, result
+        return settled | verified
 
 
 def _stationary_cycle(gaps, residual, tol, rtol):

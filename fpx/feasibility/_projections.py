@@ -615,18 +615,21 @@ def _bilinear_f(lam, u, v, y):
 def _bilinear_multiplier(u: Array, v: Array, y: Array) -> Array:
     """The root of `f` in (-1, 1) (or the end +-1 that f tends to when there is none)."""
     finfo = jnp.finfo(u.dtype)
-    iterations = 2 * (finfo.nmant + 1) + 8  # every 2 steps at least halve the bracket
+    max_iterations = 4 * (finfo.nmant + 1) + 8  # every 2 steps halve the bracket or |f|
+    unroll = 2  # safeguarded steps fused per loop trip; the loop stops once every root is found
     one = jnp.ones_like(u)
     l_min, l_max = jnp.nextafter(-one, one), jnp.nextafter(one, -one)
 
     def update(lam, f, lo, hi):  # f is decreasing: the root is right of lam where f > 0
         return jnp.where(f >= 0, lam, lo), jnp.where(f <= 0, lam, hi)
 
-    lam0 = jnp.zeros_like(u)
+    # Start from the linearised (Gauss–Newton) multiplier, exact to first order near the
+    # surface, so that Newton typically needs two or three steps.
+    lam0 = jnp.clip((y - (u * u - v * v) / 2) / (1 + u * u + v * v), -0.5, 0.5)
     f0, df0 = _bilinear_f(lam0, u, v, y)
     lo0, hi0 = update(lam0, f0, -one, one)
 
-    def body(_, state):
+    def step(state):
         lam, f, df, lo, hi, force, best, best_abs = state
         newton = lam - f / df
         use_newton = ~force & (newton > lo) & (newton < hi)
@@ -634,14 +637,34 @@ def _bilinear_multiplier(u: Array, v: Array, y: Array) -> Array:
         fc, dfc = _bilinear_f(cand, u, v, y)
         width = hi - lo
         lo, hi = update(cand, fc, lo, hi)
-        force = (hi - lo) > width / 2  # the step did not halve the bracket: bisect next
+        # Bisect next unless this step halved the bracket or |f| (Newton approaching the
+        # root from one side shrinks |f| quadratically but the bracket hardly at all).
+        force = ((hi - lo) > width / 2) & (jnp.abs(fc) > jnp.abs(f) / 2)
         better = jnp.abs(fc) < best_abs  # |f'| >= 1, so |lam - root| <= |f(lam)|
         best = jnp.where(better, cand, best)
         best_abs = jnp.where(better, jnp.abs(fc), best_abs)
         return cand, fc, dfc, lo, hi, force, best, best_abs
 
+    # |f| below the rounding error of its own terms, or a bracket at machine resolution,
+    # means no further step can improve the root.
+    def settled(state):
+        lam, f, df, lo, hi, force, best, best_abs = state
+        p, q = 1 - best, 1 + best
+        scale = 1 + jnp.abs(y) + jnp.abs(best) + u * u / (2 * p * p) + v * v / (2 * q * q)
+        return (best_abs <= 4 * finfo.eps * scale) | (hi - lo <= 4 * finfo.eps)
+
+    def cond(carry):
+        trips, state = carry
+        return (trips * unroll < max_iterations) & ~jnp.all(settled(state))
+
+    def body(carry):
+        trips, state = carry
+        for _ in range(unroll):
+            state = step(state)
+        return trips + 1, state
+
     state = (lam0, f0, df0, lo0, hi0, jnp.zeros(u.shape, bool), lam0, jnp.abs(f0))
-    return jax.lax.fori_loop(0, iterations, body, state)[6]
+    return jax.lax.while_loop(cond, body, (jnp.array(0), state))[1][6]
 
 
 @_bilinear_multiplier.defjvp
@@ -692,7 +715,8 @@ def project_bilinear_graph(a: ArrayLike, b: ArrayLike, y: ArrayLike) -> tuple[Ar
 
     with `f' <= -1` on `(-1, 1)`, so the root there is unique. It is found by a safeguarded
     Newton iteration (bisection whenever Newton leaves the bracket or fails to halve it), a
-    fixed number of steps (`2 (mantissa bits) + 10`; jit/vmap friendly).
+    loop that stops once every root is at rounding level (at most `4 (mantissa bits) + 12`
+    steps; jit/vmap friendly).
 
     Degenerate cases: if `a = -b` and `y > 1 - a^2/4`, there is no root inside, `l = 1`, and
     the projection is not unique (two points mirrored through `a' + b' = 0`); the one with

@@ -1,0 +1,10 @@
+"""Projection-based training of plain JAX models (divide and concur on the jaxpr)."""
+
+from ._graph import SUPPORTED as SUPPORTED, UnsupportedPrimitiveError as UnsupportedPrimitiveError
+from ._sets import (
+    project_margin as project_margin,
+    project_max_graph as project_max_graph,
+    project_reduce_max_graph as project_reduce_max_graph,
+    prox_cross_entropy as prox_cross_entropy,
+)
+from ._trainer import Trainer as Trainer, TrainerState as TrainerState

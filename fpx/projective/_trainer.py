@@ -1,0 +1,286 @@
+"""`Trainer`: projection-based training of a plain JAX model (divide and concur)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Int, PyTree
+
+from .._fixed_point import DisplacementTest, fixed_point
+from .._solution import RESULTS
+from ..feasibility._feasible_point import METHODS, _dist, _gap_tolerance, splitting
+from ..solvers import AbstractFixedPointSolver, Picard
+from ._graph import Alias, Graph, build_graph, prepare, prepare_shared, project, project_shared
+from ._sets import _margin, _prox_ce
+
+LOSSES = ("margin", "cross_entropy")
+
+
+class TrainerState(eqx.Module):
+    """What `Trainer.update` carries between minibatches.
+
+    - `iterate`: the splitting's governing iterate after the last update (its parameter
+      copies warm-start the next solve);
+    - `updates`: number of updates done.
+    """
+
+    iterate: PyTree
+    updates: Array
+
+
+class Trainer(eqx.Module):
+    """Train `model(params, x)` by projections: find parameters consistent with every sample.
+
+    Divide and concur on the model's computation graph (traced with `jax.make_jaxpr`):
+    every operation of every sample in the minibatch holds local copies of its inputs and
+    output; G is the product of the operations' graphs (each projected exactly: bilinear
+    products, relu/max, reduce_max, and linear maps, including every operation with a
+    data operand such as the first layer `x @ W`); K is consensus (copies agree, a
+    parameter's copies across samples too) with the model output in the loss set. The
+    splitting (`method`: "dr", "ap", "dm") runs for at most `steps` iterations of
+    `solver` through `fpx.feasible_point`; the new parameters are the consensus values of
+    the solution point (the DR shadow).
+
+    - `loss="margin"`: the output must satisfy `o_y - o_j >= margin` (exact projection).
+    - `loss="cross_entropy"`: the consensus of the output is the proximal point of
+      `prox_step * CE` (Newton, converged to rounding), i.e. DR on `CE + indicators`.
+    - `warm_start`: the parameter copies of the splitting iterate carry over between
+      minibatches (the other copies restart at the forward pass of the new batch).
+
+    `model` works on one sample; `x` has a leading batch axis, `y` holds integer labels.
+    `update` is a pure function (jit it). Its `info` has per-update `residual` (fixed-point
+    residual of the splitting), `gap` (distance of the solution point to G), `steps`,
+    `infeasible` (the displacement test flagged the minibatch as inconsistent),
+    `converged`, and `loss`/`accuracy` of the new parameters on the minibatch.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    def model(p, x):
+        return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(k1, (4, 8)) / 2, "b1": jnp.zeros(8),
+              "w2": jax.random.normal(k2, (8, 2)) / 3}
+    x = jax.random.normal(k3, (16, 4))
+    y = (x[:, 0] > 0).astype(jnp.int32)
+    trainer = fpx.projective.Trainer(model, loss="margin", steps=20)
+    state = trainer.init(params, x, y)
+    update = jax.jit(trainer.update)
+    for _ in range(10):
+        params, state, info = update(params, state, x, y)
+    assert info["accuracy"] > 0.9
+    ```
+    """
+
+    model: Callable = eqx.field(static=True)
+    loss: str = eqx.field(static=True, default="margin")
+    method: str = eqx.field(static=True, default="dr")
+    solver: AbstractFixedPointSolver = Picard(rtol=1e-6, atol=1e-8)
+    steps: int = eqx.field(static=True, default=50)
+    margin: float = 1.0
+    prox_step: float = 1.0
+    relaxation: float = 1.0
+    beta: float = 1.0
+    warm_start: bool = eqx.field(static=True, default=True)
+    detect_infeasible: bool | DisplacementTest | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if not callable(self.model):
+            raise TypeError(f"Trainer: model must be a function model(params, x), got {type(self.model).__name__}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"Trainer: unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}.")
+        if self.method not in METHODS or self.method == "cyclic":
+            raise ValueError(f"Trainer: unknown method {self.method!r}; choose from 'dr', 'ap', 'dm'.")
+        if not (isinstance(self.steps, int) and self.steps > 0):
+            raise ValueError(f"Trainer: steps must be a positive int, got {self.steps!r}.")
+
+    # ------------------------------------------------------------------ public API
+
+    def graph(self, params: PyTree, x: PyTree) -> Graph:
+        """The constraint graph of one sample `x` (no batch axis); `print(g.describe())`."""
+        return build_graph(self.model, params, x)
+
+    def init(self, params: PyTree, x: PyTree, y: Int[ArrayLike, " batch"]) -> TrainerState:
+        """A fresh state for minibatches shaped like `(x, y)`."""
+        graph, known = self._setup(params, x, y)
+        return TrainerState(self._copies(graph, params, known), jnp.array(0))
+
+    def update(
+        self, params: PyTree, state: TrainerState, x: PyTree, y: Int[ArrayLike, " batch"]
+    ) -> tuple[PyTree, TrainerState, dict[str, Any]]:
+        """One projection update on a minibatch: `(params, state, info)`."""
+        y = jnp.asarray(y)
+        graph, known = self._setup(params, x, y)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        z0 = self._copies(graph, params, known)
+        if self.warm_start:
+            z0 = _keep_param_copies(graph, z0, state.iterate)
+        aux = [
+            prepare_shared(node, graph.base, known)
+            if node.shared
+            else jax.vmap(lambda k, node=node: prepare(node, graph.base, k))(known)
+            for node in graph.nodes
+        ]
+        counts = _counts(graph, z0)
+
+        def project_g(z):
+            out = []
+            for node, a, (ins, o) in zip(graph.nodes, aux, z):
+                if node.shared:
+                    out.append(project_shared(node, a, *ins, o))
+                    continue
+                if node.elementwise:  # no vmap: one loop over the batch for the iterative kernels
+                    out.append(project(node, graph.base, known, a, ins, o))
+                    continue
+                f = jax.vmap(lambda k, a, i, o, node=node: project(node, graph.base, k, a, i, o))
+                out.append(f(known, a, ins, o))
+            return tuple(out)
+
+        def project_k(z):
+            means = _means(graph, z, counts, leaves)
+            means[graph.output] = self._loss_set(means[graph.output], y, counts[graph.output])
+            return _spread(graph, means, z)
+
+        # The splitting runs in fixed_point directly (not feasible_point): the gap to G is
+        # checked once at the end instead of at every step, and no best-approximation-pair
+        # certificate is sought (G is not convex).
+        operator, point = splitting([project_k, project_g], self.method, relaxation=self.relaxation, beta=self.beta)
+        detect = self.detect_infeasible
+        if detect is None:
+            detect = self.method in ("dr", "dm") and self.solver.drift_scale(None, jnp.array(1)) is not None
+        sol = fixed_point(
+            operator, z0, None, solver=self.solver, max_steps=self.steps, throw=False, detect_infeasible=detect
+        )
+        value = point(sol.value)
+        gap = _dist(project_g, value)
+        converged = (sol.result == RESULTS.successful) & (gap <= _gap_tolerance(self.solver, value))
+        means = _means(graph, value, counts, leaves)
+        new_leaves = [means[i].astype(jnp.result_type(leaf)) for i, leaf in enumerate(leaves)]
+        new_params = jax.tree_util.tree_unflatten(treedef, new_leaves)
+        logits = jax.vmap(self.model, in_axes=(None, 0))(new_params, x)
+        ce = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0])
+        info = dict(
+            residual=sol.stats["residual_norm"],
+            gap=gap,
+            steps=sol.stats["num_steps"],
+            converged=converged,
+            infeasible=sol.result == RESULTS.infeasible,
+            loss=ce,
+            accuracy=jnp.mean(jnp.argmax(logits, -1) == y),
+        )
+        return new_params, TrainerState(sol.value, state.updates + 1), info
+
+    # ------------------------------------------------------------------ internals
+
+    def _setup(self, params, x, y):
+        y = jnp.asarray(y)
+        batch = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(x)}
+        if len(batch) != 1 or None in batch:
+            raise ValueError(f"Trainer: every leaf of x needs the same leading batch axis; got sizes {batch}.")
+        (size,) = batch
+        if y.shape != (size,) or not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"Trainer: y must be integer labels of shape ({size},), got {y.dtype}{list(y.shape)}.")
+        sample = jax.tree_util.tree_map(lambda leaf: leaf[0], x)
+        graph = build_graph(self.model, params, sample)
+        out = graph.base[graph.output]
+        if len(out.shape) != 1:
+            raise ValueError(f"Trainer: the model must return a vector of class scores per sample, got shape {out.shape}.")
+        data = jax.tree_util.tree_leaves(x)
+        known = jax.vmap(graph.known_values)(data)
+        return graph, known
+
+    def _copies(self, graph: Graph, params, known):
+        leaves = jax.tree_util.tree_leaves(params)
+        values = jax.vmap(graph.forward, in_axes=(None, 0))(leaves, known)
+        size = jax.tree_util.tree_leaves(known[: graph.num_data])[0].shape[0]
+        return _spread(graph, _batched(graph, values, size), None)
+
+    def _loss_set(self, logits, y, count):
+        if self.loss == "margin":
+            return _margin(logits, y, jnp.asarray(self.margin, logits.dtype))
+        onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+        step = jnp.broadcast_to(self.prox_step / count[..., 0], logits.shape[:-1]).astype(logits.dtype)
+        tol = 10 * float(jnp.finfo(logits.dtype).eps)
+        return _prox_ce(logits, onehot, step, tol, 50)
+
+
+def _batched(graph, values, size):
+    # vmapped forward gives parameters a batch axis too; keep one copy of each.
+    return [v[0] if b.param is not None else v for v, b in zip(values, graph.base)]
+
+
+def _spread(graph: Graph, means: list, like) -> tuple:
+    """Every copy set to the (consensus) value of its base variable."""
+    size = None
+    for b, m in zip(graph.base, means):
+        if b.param is None:
+            size = m.shape[0]
+            break
+    out = []
+    for node in graph.nodes:
+        ins = []
+        for i in node.unknown:
+            ref: Alias = node.inputs[i]
+            value = means[ref.var]
+            if node.shared:
+                ins.append(ref(value))
+            elif graph.base[ref.var].param is not None:
+                copy = ref(value)
+                ins.append(jnp.broadcast_to(copy, (size,) + copy.shape))
+            else:
+                ins.append(jax.vmap(ref)(value))
+        out.append((tuple(ins), means[node.out]))
+    return tuple(out)
+
+
+def _transpose(graph: Graph, ref: Alias):
+    b = graph.base[ref.var]
+    return jax.linear_transpose(ref, jax.ShapeDtypeStruct(b.shape, b.dtype))
+
+
+def _sums(graph: Graph, z) -> list:
+    sums: list = [None] * len(graph.base)
+
+    def add(i, value):
+        sums[i] = value if sums[i] is None else sums[i] + value
+
+    for node, (ins, out) in zip(graph.nodes, z):
+        add(node.out, out)
+        for i, copy in zip(node.unknown, ins):
+            ref: Alias = node.inputs[i]
+            if node.shared:
+                (contrib,) = _transpose(graph, ref)(copy)
+            else:
+                (contrib,) = jax.vmap(_transpose(graph, ref))(copy)
+            if graph.base[ref.var].param is not None and not node.shared:
+                contrib = jnp.sum(contrib, 0)
+            add(ref.var, contrib)
+    return sums
+
+
+def _counts(graph: Graph, z) -> list:
+    return _sums(graph, jax.tree_util.tree_map(jnp.ones_like, z))
+
+
+def _means(graph: Graph, z, counts, leaves) -> list:
+    sums = _sums(graph, z)
+    means = []
+    for i, (s, c, b) in enumerate(zip(sums, counts, graph.base)):
+        if s is None:  # a parameter no operation uses: it keeps its value
+            means.append(jnp.asarray(leaves[b.param]))
+        else:
+            means.append(jnp.where(c > 0, s / jnp.where(c > 0, c, 1), leaves[b.param] if b.param is not None else 0))
+    return means
+
+
+def _keep_param_copies(graph: Graph, fresh, previous):
+    out = []
+    for node, (ins, o), (prev_ins, _) in zip(graph.nodes, fresh, previous):
+        kept = tuple(
+            p if graph.base[node.inputs[i].var].param is not None else f for i, f, p in zip(node.unknown, ins, prev_ins)
+        )
+        out.append((kept, o))
+    return tuple(out)
