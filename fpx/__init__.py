@@ -26,6 +26,6 @@ from .solvers import (
     Picard as Picard,
 )
 
-from . import feasibility as feasibility, nn as nn, projective as projective
+from . import data as data, feasibility as feasibility, nn as nn, operators as operators, projective as projective
 
 __version__ = "0.1.0"

@@ -13,7 +13,15 @@ BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-MODULES = {"fpx": fpx, "fpx.nn": fpx.nn, "fpx.nn.nnx": fpx.nn.nnx, "fpx.feasibility": fpx.feasibility}
+MODULES = {
+    "fpx": fpx,
+    "fpx.nn": fpx.nn,
+    "fpx.nn.nnx": fpx.nn.nnx,
+    "fpx.feasibility": fpx.feasibility,
+    "fpx.projective": fpx.projective,
+    "fpx.operators": fpx.operators,
+    "fpx.data": fpx.data,
+}
 
 
 def _public_objects():
@@ -51,4 +59,7 @@ def test_every_public_function_and_solver_has_an_example():
         + ["ImplicitAdjoint", "JFBAdjoint", "PhantomAdjoint", "UnrolledAdjoint"]
     } | {f"fpx.nn.{name}" for name in ["DEQ", "ContractiveCell", "SubDEQCell", "CGSCell", "jacobian_regularizer"]}
     must |= {"fpx.nn.nnx.DEQ", "fpx.feasibility.project_spectral_norm_ball"}
+    must |= {f"fpx.projective.{n}" for n in ["Trainer", "project_margin", "project_max_graph", "prox_cross_entropy"]}
+    must |= {f"fpx.operators.{n}" for n in ["FNO", "DeepONet", "GNN", "iterate", "deq", "relative_l2"]}
+    must |= {f"fpx.data.{n}" for n in ["burgers", "darcy", "antiderivative", "digits"]}
     assert must <= documented, f"missing examples: {sorted(must - documented)}"

@@ -48,6 +48,10 @@ class Trainer(eqx.Module):
     - `loss="margin"`: the output must satisfy `o_y - o_j >= margin` (exact projection).
     - `loss="cross_entropy"`: the consensus of the output is the proximal point of
       `prox_step * CE` (Newton, converged to rounding), i.e. DR on `CE + indicators`.
+    - `anchor`: weight of the current parameters in the consensus, relative to all their
+      copies in the minibatch (a proximal term `anchor/2 |theta - theta_prev|^2` per copy);
+      0 lets one update fit the minibatch as closely as the splitting can, larger values
+      take smaller steps (the analogue of a learning rate).
     - `warm_start`: the parameter copies of the splitting iterate carry over between
       minibatches (the other copies restart at the forward pass of the new batch).
 
@@ -82,6 +86,7 @@ class Trainer(eqx.Module):
     steps: int = eqx.field(static=True, default=50)
     margin: float = 1.0
     prox_step: float = 1.0
+    anchor: float = 0.0
     relaxation: float = 1.0
     beta: float = 1.0
     warm_start: bool = eqx.field(static=True, default=True)
@@ -140,7 +145,7 @@ class Trainer(eqx.Module):
             return tuple(out)
 
         def project_k(z):
-            means = _means(graph, z, counts, leaves)
+            means = _means(graph, z, counts, leaves, self.anchor)
             means[graph.output] = self._loss_set(means[graph.output], y, counts[graph.output])
             return _spread(graph, means, z)
 
@@ -157,7 +162,7 @@ class Trainer(eqx.Module):
         value = point(sol.value)
         gap = _dist(project_g, value)
         converged = (sol.result == RESULTS.successful) & (gap <= _gap_tolerance(self.solver, value))
-        means = _means(graph, value, counts, leaves)
+        means = _means(graph, value, counts, leaves, self.anchor)
         new_leaves = [means[i].astype(jnp.result_type(leaf)) for i, leaf in enumerate(leaves)]
         new_params = jax.tree_util.tree_unflatten(treedef, new_leaves)
         logits = jax.vmap(self.model, in_axes=(None, 0))(new_params, x)
@@ -265,14 +270,17 @@ def _counts(graph: Graph, z) -> list:
     return _sums(graph, jax.tree_util.tree_map(jnp.ones_like, z))
 
 
-def _means(graph: Graph, z, counts, leaves) -> list:
+def _means(graph: Graph, z, counts, leaves, anchor=0.0) -> list:
+    """Consensus values; a parameter's previous value counts as `anchor` times its copies."""
     sums = _sums(graph, z)
     means = []
-    for i, (s, c, b) in enumerate(zip(sums, counts, graph.base)):
+    for s, c, b in zip(sums, counts, graph.base):
         if s is None:  # a parameter no operation uses: it keeps its value
             means.append(jnp.asarray(leaves[b.param]))
+        elif b.param is not None:
+            means.append((s + anchor * c * leaves[b.param]) / ((1 + anchor) * jnp.maximum(c, 1)))
         else:
-            means.append(jnp.where(c > 0, s / jnp.where(c > 0, c, 1), leaves[b.param] if b.param is not None else 0))
+            means.append(s / jnp.maximum(c, 1))
     return means
 
 
