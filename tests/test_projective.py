@@ -8,7 +8,7 @@ import scipy.optimize
 from hypothesis import given, settings, strategies as st
 
 import fpx
-from fpx.projective import _graph as G, _trainer as T
+from fpx.projective import _graph as G
 from fpx.projective import (
     project_margin,
     project_max_graph,
@@ -167,31 +167,8 @@ def test_unsupported_primitive_names_it_and_the_supported_list():
 
 
 def _setup(model, params, x, y, loss="margin"):
-    trainer = fpx.projective.Trainer(model, loss=loss)
-    graph, known = trainer._setup(params, x, y)
-    z = trainer._copies(graph, params, known)
-    aux = [
-        G.prepare_shared(n, graph.base, known) if n.shared else jax.vmap(lambda k, n=n: G.prepare(n, graph.base, k))(known)
-        for n in graph.nodes
-    ]
-    counts = T._counts(graph, z)
-    leaves = jax.tree_util.tree_leaves(params)
-
-    def project_k(z):
-        means = T._means(graph, z, counts, leaves)
-        means[graph.output] = trainer._loss_set(means[graph.output], y, counts[graph.output])
-        return T._spread(graph, means, z)
-
-    def project_g(z):
-        out = []
-        for n, a, (ins, o) in zip(graph.nodes, aux, z):
-            if n.shared:
-                out.append(G.project_shared(n, a, *ins, o))
-            else:
-                out.append(jax.vmap(lambda k, a, i, o, n=n: G.project(n, graph.base, k, a, i, o))(known, a, ins, o))
-        return tuple(out)
-
-    return graph, known, z, jax.jit(project_k), jax.jit(project_g)
+    problem = fpx.projective.Trainer(model, loss=loss).problem(params, x, y)
+    return problem.graph, problem.known, problem.z0, jax.jit(problem.project_k), jax.jit(problem.project_g)
 
 
 def _perturb(z, key, scale=1.0):

@@ -7,4 +7,4 @@ from ._sets import (
     project_reduce_max_graph as project_reduce_max_graph,
     prox_cross_entropy as prox_cross_entropy,
 )
-from ._trainer import Trainer as Trainer, TrainerState as TrainerState
+from ._trainer import Problem as Problem, Trainer as Trainer, TrainerState as TrainerState

@@ -201,8 +201,7 @@ def _unknown_avals(node: Node, base: list[BaseVar]):
 
 def _bind(prim, params):
     def fn(*args):
-        out = prim.bind(*args, **params)
-        return out
+        return prim.bind(*args, **params)
 
     return fn
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -30,6 +30,17 @@ class TrainerState(eqx.Module):
 
     iterate: PyTree
     updates: Array
+
+
+class Problem(NamedTuple):
+    """One minibatch's divide-and-concur problem (see `Trainer.problem`)."""
+
+    graph: Graph
+    known: list
+    z0: tuple
+    project_k: Callable
+    project_g: Callable
+    counts: list
 
 
 class Trainer(eqx.Module):
@@ -118,37 +129,13 @@ class Trainer(eqx.Module):
     ) -> tuple[PyTree, TrainerState, dict[str, Any]]:
         """One projection update on a minibatch: `(params, state, info)`."""
         y = jnp.asarray(y)
-        graph, known = self._setup(params, x, y)
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        z0 = self._copies(graph, params, known)
+        problem = self.problem(params, x, y)
+        graph, z0, project_k, project_g, counts = (
+            problem.graph, problem.z0, problem.project_k, problem.project_g, problem.counts
+        )
         if self.warm_start:
             z0 = _keep_param_copies(graph, z0, state.iterate)
-        aux = [
-            prepare_shared(node, graph.base, known)
-            if node.shared
-            else jax.vmap(lambda k, node=node: prepare(node, graph.base, k))(known)
-            for node in graph.nodes
-        ]
-        counts = _counts(graph, z0)
-
-        def project_g(z):
-            out = []
-            for node, a, (ins, o) in zip(graph.nodes, aux, z):
-                if node.shared:
-                    out.append(project_shared(node, a, *ins, o))
-                    continue
-                if node.elementwise:  # no vmap: one loop over the batch for the iterative kernels
-                    out.append(project(node, graph.base, known, a, ins, o))
-                    continue
-                f = jax.vmap(lambda k, a, i, o, node=node: project(node, graph.base, k, a, i, o))
-                out.append(f(known, a, ins, o))
-            return tuple(out)
-
-        def project_k(z):
-            means = _means(graph, z, counts, leaves, self.anchor)
-            means[graph.output] = self._loss_set(means[graph.output], y, counts[graph.output])
-            return _spread(graph, means, z)
-
         # The splitting runs in fixed_point directly (not feasible_point): the gap to G is
         # checked once at the end instead of at every step, and no best-approximation-pair
         # certificate is sought (G is not convex).
@@ -178,6 +165,44 @@ class Trainer(eqx.Module):
         )
         return new_params, TrainerState(sol.value, state.updates + 1), info
 
+    def problem(self, params: PyTree, x: PyTree, y: Int[ArrayLike, " batch"]) -> Problem:
+        """The two sets of one minibatch: the splitting's start and both projections.
+
+        `z0` holds every copy at the forward pass of `params` (a point of G); `project_k`
+        (consensus and loss set) and `project_g` (every node's graph) act on pytrees shaped
+        like `z0`. `update` runs a splitting on them; they are public for analysis.
+        """
+        y = jnp.asarray(y)
+        graph, known = self._setup(params, x, y)
+        leaves = jax.tree_util.tree_leaves(params)
+        z0 = self._copies(graph, params, known)
+        aux = [
+            prepare_shared(node, graph.base, known)
+            if node.shared
+            else jax.vmap(lambda k, node=node: prepare(node, graph.base, k))(known)
+            for node in graph.nodes
+        ]
+        counts = _counts(graph, z0)
+
+        def project_g(z):
+            out = []
+            for node, a, (ins, o) in zip(graph.nodes, aux, z):
+                if node.shared:
+                    out.append(project_shared(node, a, *ins, o))
+                elif node.elementwise:  # no vmap: one loop over the batch for the iterative kernels
+                    out.append(project(node, graph.base, known, a, ins, o))
+                else:
+                    f = jax.vmap(lambda k, a, i, o, node=node: project(node, graph.base, k, a, i, o))
+                    out.append(f(known, a, ins, o))
+            return tuple(out)
+
+        def project_k(z):
+            means = _means(graph, z, counts, leaves, self.anchor)
+            means[graph.output] = self._loss_set(means[graph.output], y, counts[graph.output])
+            return _spread(graph, means)
+
+        return Problem(graph, known, z0, project_k, project_g, counts)
+
     # ------------------------------------------------------------------ internals
 
     def _setup(self, params, x, y):
@@ -200,8 +225,7 @@ class Trainer(eqx.Module):
     def _copies(self, graph: Graph, params, known):
         leaves = jax.tree_util.tree_leaves(params)
         values = jax.vmap(graph.forward, in_axes=(None, 0))(leaves, known)
-        size = jax.tree_util.tree_leaves(known[: graph.num_data])[0].shape[0]
-        return _spread(graph, _batched(graph, values, size), None)
+        return _spread(graph, _batched(graph, values))
 
     def _loss_set(self, logits, y, count):
         if self.loss == "margin":
@@ -212,12 +236,12 @@ class Trainer(eqx.Module):
         return _prox_ce(logits, onehot, step, tol, 50)
 
 
-def _batched(graph, values, size):
+def _batched(graph, values):
     # vmapped forward gives parameters a batch axis too; keep one copy of each.
     return [v[0] if b.param is not None else v for v, b in zip(values, graph.base)]
 
 
-def _spread(graph: Graph, means: list, like) -> tuple:
+def _spread(graph: Graph, means: list) -> tuple:
     """Every copy set to the (consensus) value of its base variable."""
     size = None
     for b, m in zip(graph.base, means):
