@@ -605,10 +605,9 @@ def _relu_graph(u, y):
 
 def _bilinear_f(lam, u, v, y):
     """f(l) = y - l - u^2 / (2 (1 - l)^2) + v^2 / (2 (1 + l)^2) and f'(l) <= -1."""
-    p, q = 1 - lam, 1 + lam
-    f = y - lam - u * u / (2 * p * p) + v * v / (2 * q * q)
-    df = -1 - u * u / (p * p * p) - v * v / (q * q * q)
-    return f, df
+    ip, iq = 1 / (1 - lam), 1 / (1 + lam)
+    a2, b2 = (u * ip) ** 2, (v * iq) ** 2
+    return y - lam - a2 / 2 + b2 / 2, -1 - a2 * ip - b2 * iq
 
 
 @jax.custom_jvp
