@@ -222,7 +222,12 @@ def test_graph_projection_lands_on_every_node_graph():
         np.testing.assert_allclose(a, b, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["shared", "dense", "diagonal"])
+def _conv_model(p, x):
+    h = jax.lax.conv_general_dilated(x[None, None], p, (1, 1), "VALID")[0]
+    return jax.nn.relu(h).reshape(-1) @ jnp.ones((8, 2))
+
+
+@pytest.mark.parametrize("kind", ["shared", "dense", "diagonal", "conv"])
 def test_linear_node_projection_matches_dense_least_squares(kind):
     # Projection onto {(u, y): y = L u + c} is u* = (I + L^T L)^{-1} (u0 + L^T (y0 - c)).
     key = jax.random.key(6)
@@ -231,13 +236,19 @@ def test_linear_node_projection_matches_dense_least_squares(kind):
         # a data matrix times a per-sample variable: coupled rows, dense I + L L^T
         "dense": (lambda p, x: jnp.sum(x @ jnp.maximum(p, 0.0), 0) @ jnp.ones((2, 2)), (3, 2), (4, 3)),
         "diagonal": (lambda p, x: (jnp.sum(p * x, axis=0) - 2.0) @ jnp.ones((2, 2)), (4, 2), (4, 2)),
+        # a convolution of the data with a parameter kernel: an exact (dense) linear node
+        "conv": (_conv_model, (2, 1, 2, 2), (3, 3)),
     }
     model, pshape, xshape = models[kind]
     params = jax.random.normal(key, pshape)
     x, y = jax.random.normal(jax.random.key(7), (2,) + xshape), jnp.array([0, 1])
     graph, known, z, _, project_g = _setup(model, params, x, y)
-    wanted = {"shared": "shared_dot", "dense": "linear", "diagonal": "linear"}[kind]
-    index = next(i for i, n in enumerate(graph.nodes) if n.kind == wanted and n.info[:1] != ("diagonal",) * (kind == "dense"))
+    wanted = {"shared": "shared_dot", "dense": "linear", "diagonal": "linear", "conv": "linear"}[kind]
+    index = next(
+        i
+        for i, n in enumerate(graph.nodes)
+        if n.kind == wanted and (kind != "dense" or n.info[0] == "dense") and (kind != "conv" or "conv" in n.name)
+    )
     node = graph.nodes[index]
     zr = _perturb(z, jax.random.key(8))
     (ins, out) = zr[index]
