@@ -13,6 +13,7 @@ accelerated DR (split seed 0).
 Usage:
     .venv/bin/python benchmarks/bench_projective.py            # all methods, 3 seeds (~20 min on 2 cores)
     .venv/bin/python benchmarks/bench_projective.py --quick    # 2 methods, 1 seed, 100 updates
+    .venv/bin/python benchmarks/bench_projective.py --timing   # ms/update of every method, 60 updates (~4 min)
 
 Writes `benchmarks/results/bench_projective[_quick].json`; the full run also updates the
 projective section of BENCHMARKS.md.
@@ -166,10 +167,16 @@ def main(argv=None):
     parser.add_argument("--anchor", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--budgets", type=int, nargs="*", default=[5, 10, 25, 50])
+    parser.add_argument("--budgets", type=int, nargs="*", default=[5, 10, 20, 50])
+    parser.add_argument(
+        "--timing", action="store_true", help="60 updates per method, split seed 0: ms/update on a quiet machine only"
+    )
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.updates, opts.seeds, opts.methods, opts.budgets = 100, [0], ["dr", "adam"], []
+    if opts.timing:
+        opts.updates, opts.seeds = 60, [0]
+        opts.budgets = [b for b in opts.budgets if b != opts.steps]
     info = machine_info()
     rows = []
     for name in opts.methods:
@@ -187,9 +194,10 @@ def main(argv=None):
     text = markdown(summary, budget_rows, info, opts.updates, opts.anchor)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("bench_projective_quick.json" if opts.quick else "bench_projective.json")
+    name = "bench_projective_quick" if opts.quick else "bench_projective_timing" if opts.timing else "bench_projective"
+    out = RESULTS / f"{name}.json"
     out.write_text(json.dumps({"machine": info, "options": vars(opts), "summary": summary, "runs": rows, "budget": budget_rows}, indent=1))
-    if not opts.quick:
+    if not (opts.quick or opts.timing):
         update_markdown_section(text, BEGIN, END, "## Projection-based training (`bench_projective.py`)")
 
 
