@@ -6,7 +6,19 @@ import abc
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import jax
+import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from ._config import ConfigError
+
+
+def config_dtype(name: str):
+    """The dtype named by the config key `dtype`; float64 needs 64-bit JAX switched on."""
+    dtype = jnp.dtype(name)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ConfigError("config key 'dtype' = 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1.")
+    return dtype
 
 
 class Task(abc.ABC):

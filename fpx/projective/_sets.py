@@ -100,6 +100,18 @@ def _reduce_max_graph(u, y):
     return u_new, jnp.max(u_new, axis=-1)
 
 
+def _logits_and_labels(fn: str, logits, label):
+    logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        logits = logits.astype(float)
+    label = jnp.asarray(label)
+    if label.shape != logits.shape[:-1] or not jnp.issubdtype(label.dtype, jnp.integer):
+        raise ValueError(
+            f"{fn}: label must be an integer array of shape {logits.shape[:-1]}, got {label.dtype}{list(label.shape)}."
+        )
+    return logits, label
+
+
 def project_margin(logits: Float[ArrayLike, "*batch classes"], label: Int[ArrayLike, "*batch"], margin: float = 1.0):
     """Nearest logits whose true class beats every other class by at least `margin`.
 
@@ -115,15 +127,7 @@ def project_margin(logits: Float[ArrayLike, "*batch classes"], label: Int[ArrayL
     assert jnp.allclose(o, jnp.array([-1 / 3, 2 / 3, -1 / 3]))
     ```
     """
-    logits = jnp.asarray(logits)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        logits = logits.astype(float)
-    label = jnp.asarray(label)
-    if label.shape != logits.shape[:-1] or not jnp.issubdtype(label.dtype, jnp.integer):
-        raise ValueError(
-            f"project_margin: label must be an integer array of shape {logits.shape[:-1]}, got "
-            f"{label.dtype}{list(label.shape)}."
-        )
+    logits, label = _logits_and_labels("project_margin", logits, label)
     return _margin(logits, label, jnp.asarray(margin, logits.dtype))
 
 
@@ -168,15 +172,7 @@ def prox_cross_entropy(
     assert jnp.max(jnp.abs(residual)) < 1e-4
     ```
     """
-    logits = jnp.asarray(logits)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        logits = logits.astype(float)
-    label = jnp.asarray(label)
-    if label.shape != logits.shape[:-1] or not jnp.issubdtype(label.dtype, jnp.integer):
-        raise ValueError(
-            f"prox_cross_entropy: label must be an integer array of shape {logits.shape[:-1]}, got "
-            f"{label.dtype}{list(label.shape)}."
-        )
+    logits, label = _logits_and_labels("prox_cross_entropy", logits, label)
     step = jnp.asarray(step, logits.dtype)
     if tol is None:
         tol = 10 * float(jnp.finfo(logits.dtype).eps)

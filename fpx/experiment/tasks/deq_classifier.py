@@ -15,31 +15,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 import optax
 
 from ... import nn as fpx_nn
+from ...data import digits
 from ...adjoint import backward_probe
-from .._config import ConfigError, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, one_of
+from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, one_of
 from .._registry import build, set_learning_rate
 from .._runner import register_task
-from .._task import Task
-
-
-def digits_split(test_fraction: float, seed: int):
-    """sklearn digits, standardised with training statistics, stratified split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x.astype(np.float32), y, test_size=test_fraction, stratify=y, random_state=seed
-    )
-    # Pixels that are constant on the training split keep scale 1 (as StandardScaler
-    # does): dividing by ~0 would blow up test images that differ there.
-    mean, std = x_train.mean(0), x_train.std(0)
-    std = np.where(std > 1e-8, std, 1.0)
-    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+from .._task import Task, config_dtype
 
 
 class _Model(eqx.Module):
@@ -72,10 +56,8 @@ class DEQClassifier(Task):
 
     def __init__(self, config):
         self.config = config
-        self.dtype = jnp.dtype(config.dtype)
-        if self.dtype == jnp.float64 and not jax.config.jax_enable_x64:
-            raise ConfigError("config key 'dtype' = 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1.")
-        x_train, y_train, x_test, y_test = digits_split(config.data.test_fraction, config.data.split_seed)
+        self.dtype = config_dtype(config.dtype)
+        x_train, y_train, x_test, y_test = digits(seed=config.data.split_seed, test_size=config.data.test_fraction)
         self.x_train, self.y_train = jnp.asarray(x_train, self.dtype), jnp.asarray(y_train)
         self.x_test, self.y_test = jnp.asarray(x_test, self.dtype), jnp.asarray(y_test)
         self.classes = 10

@@ -45,7 +45,7 @@ from ...operators._operator import linear, linear_spec, make_init, mlp, mlp_spec
 from .._config import ConfigError, NON_NEGATIVE, POSITIVE, POSITIVE_INT, one_of
 from .._registry import build, set_learning_rate
 from .._runner import register_task
-from .._task import Task
+from .._task import Task, config_dtype
 
 _UNIT_CLOSED_OPEN = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 
@@ -79,9 +79,7 @@ class IteratedOperator(Task):
 
     def __init__(self, config):
         self.config = config
-        self.dtype = jnp.dtype(config.dtype)
-        if self.dtype == jnp.float64 and not jax.config.jax_enable_x64:
-            raise ConfigError("config key 'dtype' = 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1.")
+        self.dtype = config_dtype(config.dtype)
         d = config.data
         if d.batch_size > d.n_train:
             raise ConfigError(f"'data.batch_size' ({d.batch_size}) must not exceed 'data.n_train' ({d.n_train}).")

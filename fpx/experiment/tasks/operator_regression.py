@@ -42,7 +42,7 @@ from ... import operators as ops
 from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, ConfigError, one_of
 from .._registry import build, set_learning_rate
 from .._runner import build_task, register_task
-from .._task import Task
+from .._task import Task, config_dtype
 
 _POWER_OF_TWO = (lambda v: isinstance(v, int) and v >= 1 and v & (v - 1) == 0, "a power of two")
 _SCHEDULE = {
@@ -62,13 +62,6 @@ _COMMON = {
 }
 
 
-def _check_dtype(name: str):
-    dtype = jnp.dtype(name)
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ConfigError("config key 'dtype' = 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1.")
-    return dtype
-
-
 class _OperatorRegression(Task):
     """Shared loop. Subclasses set `self.operator`, `self.num_items` and implement
     `_batch_loss(params, idx) -> (objective, metric)` and `evaluate`."""
@@ -77,7 +70,7 @@ class _OperatorRegression(Task):
 
     def __init__(self, config):
         self.config = config
-        self.dtype = _check_dtype(config.dtype)
+        self.dtype = config_dtype(config.dtype)
         self.optimizer = build("optim", config.optim.to_dict())
         self.batch_size = config.data.batch_size
         self.steps_per_epoch = max(1, self.num_items // self.batch_size)

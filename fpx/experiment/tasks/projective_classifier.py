@@ -15,10 +15,10 @@ import optax
 
 from ...data import digits
 from ...projective import Trainer
-from .._config import ConfigError, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, one_of
+from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, one_of
 from .._registry import build, set_learning_rate
 from .._runner import register_task
-from .._task import Task
+from .._task import Task, config_dtype
 
 
 def mlp(params, x):
@@ -61,9 +61,7 @@ class ProjectiveClassifier(Task):
 
     def __init__(self, config):
         self.config = config
-        self.dtype = jnp.dtype(config.dtype)
-        if self.dtype == jnp.float64 and not jax.config.jax_enable_x64:
-            raise ConfigError("config key 'dtype' = 'float64' needs 64-bit JAX: set JAX_ENABLE_X64=1.")
+        self.dtype = config_dtype(config.dtype)
         x_train, y_train, x_test, y_test = digits(seed=config.data.split_seed, test_size=config.data.test_fraction)
         self.x_train, self.y_train = jnp.asarray(x_train, self.dtype), jnp.asarray(y_train, jnp.int32)
         self.x_test, self.y_test = jnp.asarray(x_test, self.dtype), jnp.asarray(y_test, jnp.int32)
