@@ -134,9 +134,17 @@ def _jitted_layer(h, w):
     return jnp.maximum(h @ w, 0.0)
 
 
+@jax.custom_vjp
+def _vjp_relu(u):
+    return jnp.maximum(u, 0.0)
+
+
+_vjp_relu.defvjp(lambda u: (_vjp_relu(u), u), lambda u, g: (g * (u > 0),))
+
+
 def _wrapped_model(p, x):
-    h = _jitted_layer(x, p["a"])  # pjit wrapper
-    g = jax.nn.relu(x @ p["b"])  # custom_jvp wrapper, same shapes as the first branch
+    h = _jitted_layer(x, p["a"])  # pjit wrapper (jax.nn.relu's custom_jvp: see mlp)
+    g = _vjp_relu(x @ p["b"])  # custom_vjp wrapper, same shapes as the first branch
     skip = h + g  # a skip/merge: not bipartite
     return jnp.concatenate([skip, h[:1]]) @ p["c"] - jnp.max(skip) * 0.5
 
