@@ -341,8 +341,9 @@ def build_graph(model: Callable, params, x) -> Graph:
                 env[eqn.outvars[0]] = add_node("linear", fn, refs, shape, dtype, name, ("diagonal",))
             elif name == "dot_general" and _is_shared_dot(eqn, refs, base):
                 lhs_known = isinstance(refs[0], Known)
+                x_ndim = eqn.invars[0 if lhs_known else 1].aval.ndim
                 env[eqn.outvars[0]] = add_node(
-                    "shared_dot", fn, refs, shape, dtype, name, (lhs_known, eqn.params["dimension_numbers"])
+                    "shared_dot", fn, refs, shape, dtype, name, (lhs_known, eqn.params["dimension_numbers"], x_ndim)
                 )
             elif name in _LINEAR_IN_ONE and len(unknown) == 1 and (name != "div" or isinstance(refs[1], Known)):
                 diagonal = name in ("mul", "div")
@@ -421,9 +422,9 @@ def _unsupported(name, why=None):
 # ----------------------------------------------------------------------------- nodes
 
 
-def _shared_dot_layout(node: Node, x_ndim: int, w_ndim: int):
+def _shared_dot_layout(node: Node, w_ndim: int):
     """Permutations putting the data as (rows, K), W as (K, N) and the output as (rows, N)."""
-    lhs_known, ((lc, rc), _) = node.info
+    lhs_known, ((lc, rc), _), x_ndim = node.info
     xc, wc = (lc, rc) if lhs_known else (rc, lc)
     xf = [d for d in range(x_ndim) if d not in xc]
     wf = [d for d in range(w_ndim) if d not in wc]
@@ -438,12 +439,11 @@ def _batch_perm(perm):
 
 
 def prepare_shared(node: Node, base: list[BaseVar], known) -> dict:
-    """Batch-level data of a shared `x @ W` node: the rows X and the Cholesky factor of I + X^T X."""
+    """Batch-level data of a shared `x @ W` node: the rows X and `(I + X^T X)^{-1}`."""
     x = known[node.inputs[0 if node.info[0] else 1].index]  # (batch, ...) data operand
     (w_aval,) = _unknown_avals(node, base)
-    x_perm, w_perm, _ = _shared_dot_layout(node, x.ndim - 1, len(w_aval.shape))
-    contracted = len(node.info[1][0][0])
-    k = math.prod(w_aval.shape[d] for d in w_perm[:contracted])
+    x_perm, w_perm, _ = _shared_dot_layout(node, len(w_aval.shape))
+    k = math.prod(w_aval.shape[d] for d in w_perm[: len(node.info[1][0][0])])
     rows = jnp.transpose(x, _batch_perm(x_perm)).reshape(-1, k).astype(w_aval.dtype)
     return {"rows": rows, "inverse": _inverse_identity_plus(rows.T @ rows)}
 
@@ -463,7 +463,7 @@ def _inverse_identity_plus(gram):
 def project_shared(node: Node, aux: dict, w, y):
     """Exact projection of (W, Y) onto `{Y = X W}` for the whole minibatch (y has a batch axis)."""
     rows, inverse = aux["rows"], aux["inverse"]
-    _, w_perm, out_perm = _shared_dot_layout(node, y.ndim - 1 - (w.ndim - len(node.info[1][0][0])), w.ndim)
+    _, w_perm, out_perm = _shared_dot_layout(node, w.ndim)
     w_t = jnp.transpose(w, w_perm)
     w_mat = w_t.reshape(rows.shape[1], -1)
     y_t = jnp.transpose(y, _batch_perm(out_perm))

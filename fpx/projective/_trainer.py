@@ -15,7 +15,7 @@ from .._solution import RESULTS
 from ..feasibility._feasible_point import METHODS, _dist, _gap_tolerance, splitting
 from ..solvers import AbstractFixedPointSolver, Picard
 from ._graph import Alias, Graph, build_graph, prepare, prepare_shared, project, project_shared
-from ._sets import _margin, _prox_ce
+from ._sets import project_margin, prox_cross_entropy
 
 LOSSES = ("margin", "cross_entropy")
 
@@ -224,21 +224,16 @@ class Trainer(eqx.Module):
 
     def _copies(self, graph: Graph, params, known):
         leaves = jax.tree_util.tree_leaves(params)
-        values = jax.vmap(graph.forward, in_axes=(None, 0))(leaves, known)
-        return _spread(graph, _batched(graph, values))
+        # Parameters come out unbatched (they do not depend on the sample).
+        out_axes = [None if b.param is not None else 0 for b in graph.base]
+        values = jax.vmap(graph.forward, in_axes=(None, 0), out_axes=out_axes)(leaves, known)
+        return _spread(graph, values)
 
     def _loss_set(self, logits, y, count):
         if self.loss == "margin":
-            return _margin(logits, y, jnp.asarray(self.margin, logits.dtype))
-        onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
-        step = jnp.broadcast_to(self.prox_step / count[..., 0], logits.shape[:-1]).astype(logits.dtype)
-        tol = 10 * float(jnp.finfo(logits.dtype).eps)
-        return _prox_ce(logits, onehot, step, tol, 50)
-
-
-def _batched(graph, values):
-    # vmapped forward gives parameters a batch axis too; keep one copy of each.
-    return [v[0] if b.param is not None else v for v, b in zip(values, graph.base)]
+            return project_margin(logits, y, self.margin)
+        # The copies of the output pull with weight `count`: the prox step is prox_step / count.
+        return prox_cross_entropy(logits, y, self.prox_step / count[..., 0])
 
 
 def _spread(graph: Graph, means: list) -> tuple:
