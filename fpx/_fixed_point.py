@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,10 +14,12 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
+from . import _validate as checks
+from ._errors import FixedPointError as FixedPointError, raise_if_failed
 from ._misc import dtype_eps, tree_describe, tree_sub, tree_where
-from ._solution import RESULTS, Solution
-from .solvers._base import AbstractFixedPointSolver
-from .solvers._picard import Picard
+from ._solution import RESULTS, Solution, SolveInputs
+from .adjoint import AbstractAdjoint, ImplicitAdjoint
+from .solvers import AbstractFixedPointSolver, Picard
 
 
 class DisplacementTest(eqx.Module):
@@ -112,25 +116,26 @@ def _check_infeasible(test, solver, carry, k, z, fz, diff, residual, tol):
     return infeasible, new
 
 
-def _iterate(
-    fn: Callable,
-    z0: PyTree,
-    args: Any,
-    solver: AbstractFixedPointSolver,
-    max_steps: int,
-    infeasibility: DisplacementTest | None,
-    trace_length: int,
-    while_loop: Callable = jax.lax.while_loop,
-) -> Solution:
+# A residual this many times its starting value means the iteration is running away.
+DIVERGENCE_GROWTH = 1e6
+# Success after step 0 needs the residual to have fallen to this fraction of its starting
+# value: a relative test `rtol * |z|` is otherwise met by iterates that drift off to
+# infinity with a constant residual (`T(z) = z + 1`).
+PROGRESS_FRACTION = 0.5
+
+
+def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> Solution:
     """The forward iteration, without any differentiation rule.
 
     `while_loop` is `lax.while_loop`, or equinox's checkpointed loop when the iterations
     themselves are differentiated (`UnrolledAdjoint`).
     """
+    fn, z0, args, solver = inputs.fn, inputs.z0, inputs.args, inputs.solver
+    infeasibility, trace_length = inputs.infeasibility, inputs.trace_length
     norm = solver.norm
     fz0 = fn(z0, args)
     diff0 = tree_sub(z0, fz0)
-    r0 = norm(diff0)
+    r0 = jnp.asarray(norm(diff0))
     rdtype = r0.dtype
     state0 = solver.init(fn, z0, fz0, args)
     converged0, result0 = solver.terminate(z0, fz0, r0, state0)
@@ -138,7 +143,9 @@ def _iterate(
     result0 = RESULTS.where(finite0, RESULTS.where(converged0, result0, RESULTS.successful), RESULTS.nonfinite)
     trace = None
     if trace_length > 0:
-        trace = jnp.full((trace_length,), jnp.nan, rdtype).at[0].set(r0)
+        # NaN marks "no such step"; under jax_debug_nans (which would trip on it) inf does.
+        pad = jnp.inf if jax.config.jax_debug_nans else jnp.nan
+        trace = jnp.full((trace_length,), pad, rdtype).at[0].set(r0)
     displacement = None
     if infeasibility is not None:
         displacement = _Displacement(
@@ -161,6 +168,7 @@ def _iterate(
         trace=trace,
         displacement=displacement,
     )
+    max_steps = inputs.max_steps
 
     def cond(c):
         return ~c.done & (c.step < max_steps)
@@ -169,13 +177,25 @@ def _iterate(
         z, fz, state = solver.step(fn, c.z, c.fz, args, c.state)
         k = c.step + 1
         diff = tree_sub(z, fz)
-        residual = norm(diff).astype(rdtype)
+        residual = jnp.asarray(norm(diff)).astype(rdtype)
         finite = jnp.isfinite(residual)
-        converged, result = solver.terminate(z, fz, residual, state)
-        converged = converged & finite
+        stop, result = solver.terminate(z, fz, residual, state)
+        claims_success = stop & (result == RESULTS.successful)
+        # A solver may also stop with a failure of its own (e.g. Newton–Krylov's breakdown).
+        solver_failed = stop & ~claims_success & finite
+        converged = claims_success & finite & (residual <= PROGRESS_FRACTION * r0)
+        diverged = finite & ~converged & ~solver_failed & (residual > DIVERGENCE_GROWTH * r0)
         better = residual < c.best_residual
-        done = converged | ~finite
-        result = RESULTS.where(converged, result, RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite))
+        done = converged | solver_failed | diverged | ~finite
+        result = RESULTS.where(
+            converged,
+            RESULTS.successful,
+            RESULTS.where(
+                solver_failed,
+                result,
+                RESULTS.where(diverged, RESULTS.diverged, RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite)),
+            ),
+        )
         displacement = c.displacement
         if infeasibility is not None:
             tol = solver.atol + solver.rtol * norm(z)
@@ -204,6 +224,17 @@ def _iterate(
 
     final = while_loop(cond, body, carry0)
     result = RESULTS.where(final.done, final.result, RESULTS.max_steps_reached)
+    # Out of steps with no iterate better than z0, while the iterate moved away at a rate
+    # comparable to the residual: the signature of a map without a fixed point, such as
+    # z + 1. (A slowly converging contraction also moves at that rate, but its residual
+    # falls, however slowly; a cycling map, such as a rotation, stays bounded.)
+    drift = norm(tree_sub(final.z, z0))
+    drifted = (
+        (final.step >= 16)
+        & (final.best_residual >= r0)
+        & (drift >= 0.25 * final.step.astype(rdtype) * r0)
+    )
+    result = RESULTS.where((result == RESULTS.max_steps_reached) & drifted, RESULTS.diverged, result)
     # On success return the converged iterate itself; otherwise the best one seen.
     value = tree_where(result == RESULTS.successful, final.z, final.best_z)
     residual = jnp.where(result == RESULTS.successful, final.residual, final.best_residual)
@@ -228,9 +259,15 @@ def _check_z0(z0) -> PyTree:
         raise ValueError("`z0` has no array leaves: fixed_point needs at least one floating-point array.")
     out = []
     for path, leaf in jtu.tree_flatten_with_path(z0)[0]:
-        arr = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        where = jtu.keystr(path) or "z0"
+        try:
+            arr = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"`z0` must be a pytree of floating-point arrays, but the leaf at {where} is "
+                f"{leaf!r} ({type(leaf).__name__}), which is not an array."
+            ) from e
         if not jnp.issubdtype(arr.dtype, jnp.floating):
-            where = jtu.keystr(path) or "z0"
             raise TypeError(
                 f"`z0` must contain floating-point arrays only, but the leaf at {where} has dtype "
                 f"{arr.dtype}. Fixed points are found by continuous iteration; cast it, e.g. "
@@ -240,19 +277,36 @@ def _check_z0(z0) -> PyTree:
     return jtu.tree_unflatten(jtu.tree_structure(z0), out)
 
 
-def _check_output(fn, z0, args) -> None:
+def _check_output(fn, z0, args, has_aux: bool) -> None:
     in_struct = eqx.filter_eval_shape(lambda: z0)
     try:
         out_struct = eqx.filter_eval_shape(fn, z0, args)
     except Exception as e:
         e.add_note(f"(raised while tracing fn(z0, args) with z0: {tree_describe(in_struct)})")
         raise
+    if has_aux:
+        if not (isinstance(out_struct, tuple) and len(out_struct) == 2):
+            raise ValueError(
+                "With has_aux=True, fn(z, args) must return a pair (z_next, aux); got "
+                f"{type(out_struct).__name__}{'' if not isinstance(out_struct, tuple) else f' of length {len(out_struct)}'}."
+            )
+        out_struct = out_struct[0]
     if jtu.tree_structure(in_struct) != jtu.tree_structure(out_struct):
         raise ValueError(
-            "fn(z, args) must return a pytree with the same structure as z0.\n"
+            "fn(z, args) must return a pytree with the same structure as z0"
+            + (" (pass has_aux=True if fn returns (z, aux))" if not has_aux else "")
+            + ".\n"
             f"  z0:             {tree_describe(in_struct)}\n"
             f"  fn(z0, args):   {tree_describe(out_struct)}"
         )
+    for path, leaf in jtu.tree_flatten_with_path(out_struct)[0]:
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            where = jtu.keystr(path) or "the output"
+            raise TypeError(
+                f"fn(z, args) must return JAX arrays shaped like z0, but {where} is {leaf!r} "
+                f"({type(leaf).__name__}). Return `jnp.asarray(...)` of z's dtype"
+                f"{' (with has_aux=True, return a pair (z_next, aux))' if not has_aux else ''}."
+            )
     problems = []
     for (path, a), b in zip(jtu.tree_flatten_with_path(in_struct)[0], jtu.tree_leaves(out_struct)):
         where = jtu.keystr(path) or "z0"
@@ -269,63 +323,21 @@ def _check_output(fn, z0, args) -> None:
         )
 
 
-class FixedPointError(RuntimeError):
-    """Raised (at run time, also under `jax.jit`) by `fixed_point(..., throw=True)`."""
-
-
-def _failure_message(result: int, steps: int, residual: float, max_steps: int, solver) -> str:
-    name = type(solver).__name__
-    head = {
-        int(RESULTS.max_steps_reached._value): f"did not converge within max_steps={max_steps}",
-        int(RESULTS.nonfinite._value): "hit a non-finite value (NaN or inf)",
-        int(RESULTS.infeasible._value): "found that the operator has no fixed point",
-        int(RESULTS.breakdown._value): "broke down",
-        int(RESULTS.backward_failed._value): "failed in its backward (adjoint) solve",
-    }.get(int(result), "failed")
-    message = RESULTS._index_to_message[int(result)]
-    return (
-        f"fpx.fixed_point with {name} {head}: after {steps} steps the best residual "
-        f"|z - T(z)| was {residual:.3e} (tolerance atol + rtol*|z| with rtol={solver.rtol}, "
-        f"atol={solver.atol}).\n{message}\nPass throw=False to inspect `sol.result` and "
-        f"`sol.stats` instead of raising."
-    )
-
-
-def unvmapped_worst(failed, *values):
-    """Reduce over every `vmap`ped axis: (any failed, and each value's max over failed members).
-
-    `equinox.internal.unvmap_*` leave the vmapped world, so a host callback built on the
-    results runs once per call instead of once per batch member (which under `vmap` of
-    a 128-sample batch cost a few times the solve itself).
-    """
-    import equinox.internal as eqxi
-
-    any_failed = eqxi.unvmap_any(failed)
-    worst = []
-    for v in jax.lax.stop_gradient(values):
-        low = jnp.asarray(-jnp.inf if jnp.issubdtype(v.dtype, jnp.floating) else jnp.iinfo(v.dtype).min, v.dtype)
-        worst.append(eqxi.unvmap_max(jnp.where(failed, v, low)))
-    return any_failed, worst
-
-
-def raise_if_failed(sol: Solution, solver, max_steps: int) -> Solution:
-    """Attach a run-time check that raises `FixedPointError` if `sol` failed.
-
-    Eagerly the error is a `FixedPointError`; under `jit` JAX re-raises it as a
-    `JaxRuntimeError` carrying the same message. Under `vmap` the figures are the worst
-    over the failed members (largest result code, steps and residual).
-    """
-
-    def check(failed, result, steps, residual):
-        if bool(failed):
-            raise FixedPointError(_failure_message(int(result), int(steps), float(residual), max_steps, solver))
-
-    failed = sol.result != RESULTS.successful
-    any_failed, (result, steps, residual) = unvmapped_worst(
-        failed, sol.result._value, sol.stats["num_steps"], sol.stats["residual_norm"]
-    )
-    jax.debug.callback(check, any_failed, result, steps, residual)
-    return sol
+def _warn_below_resolution(solver, z0) -> None:
+    """A relative tolerance finer than the dtype can resolve is met only by rounding luck."""
+    rtol = solver.rtol
+    if isinstance(rtol, jax.core.Tracer) or not np.ndim(rtol) == 0:
+        return
+    eps = dtype_eps(z0)
+    if 0 < float(rtol) < eps:
+        dtype = jnp.result_type(*jtu.tree_leaves(z0))
+        warnings.warn(
+            f"{type(solver).__name__}(rtol={float(rtol):g}) is below the resolution of {dtype} "
+            f"(machine epsilon {eps:.2g}): |z - T(z)| cannot be resolved below about "
+            f"{eps:.2g} * |z|, so success means only that the iterate stopped changing in "
+            f"{dtype}. Use rtol >= {eps:.2g} (e.g. {10 * eps:.2g}) or a wider dtype.",
+            stacklevel=3,
+        )
 
 
 def fixed_point(
@@ -334,9 +346,10 @@ def fixed_point(
     args: PyTree = None,
     *,
     solver: AbstractFixedPointSolver = Picard(),
-    adjoint=None,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
     max_steps: int = 256,
     throw: bool = True,
+    has_aux: bool = False,
     detect_infeasible: bool | DisplacementTest = False,
     trace_length: int = 0,
     backward_probe: Array | None = None,
@@ -347,10 +360,13 @@ def fixed_point(
 
     - `fn`: the operator `T`, `fn(z, args) -> z'`, with `z'` of the same pytree structure,
       shapes and dtypes as `z0` (checked at trace time). It may close over traced arrays.
+      With `has_aux=True`, `fn(z, args) -> (z', aux)`.
     - `z0`: initial iterate, any pytree of floating-point arrays.
-    - `args`: any pytree, passed to `fn`; `fixed_point` is differentiable with respect to
-      it (and to arrays `fn` closes over) through `adjoint`. The gradient with respect to
-      `z0` is zero (implicit function theorem: `z*` does not depend on where we start).
+    - `args`: any pytree, passed to `fn`: arrays, Python scalars, `None`, static objects.
+      `fixed_point` is differentiable with respect to its arrays (and to arrays `fn`
+      closes over) through `adjoint`, in reverse and (with `ImplicitAdjoint`) forward mode.
+      The gradient with respect to `z0` is zero (implicit function theorem: `z*` does not
+      depend on where we start).
     - `solver`: an `fpx.AbstractFixedPointSolver` (`Picard()`, `KM()`, `Halpern()`,
       `Anderson()`, `Broyden()`, `NewtonKrylov()`); it carries `rtol`, `atol`, `norm`.
     - `adjoint`: how to differentiate; default `fpx.ImplicitAdjoint()`.
@@ -359,16 +375,26 @@ def fixed_point(
       wrapped in JAX's runtime error) with the residual reached and what to try; under
       `vmap` one check covers the whole batch. If False, never raises: check
       `sol.result`. Under `vmap` every member reports its own result.
+    - `has_aux`: if True, `fn` returns `(z', aux)` and `sol.aux` is the `aux` of the
+      returned iterate (`fn(sol.value, args)[1]`, one extra evaluation of `fn`).
     - `detect_infeasible`: `True` or an `fpx.DisplacementTest` to stop with
       `RESULTS.infeasible` when an averaged operator has no fixed point (see
       `DisplacementTest`); needs a solver with a drift law (Picard, KM, Halpern).
     - `trace_length`: if positive, `sol.stats["residual_trace"]` holds the residual norm of
-      iterates `0 .. trace_length-1` (NaN after the last step).
+      iterates `0 .. trace_length-1` (NaN after the last step; inf under `jax_debug_nans`).
     - `backward_probe`: optional `fpx.backward_probe()`; differentiate with respect to it
       to receive the adjoint solve's `[num_steps, residual_norm, failed]` as its gradient.
 
-    **Returns:** an `fpx.Solution` with `value`, `result` and `stats` (`num_steps`,
-    `residual_norm`, `num_fn_evals`, and solver-specific entries).
+    **Success means solved.** `sol.result` is `RESULTS.successful` only at an iterate with
+    `norm(z - fn(z)) <= atol + rtol * norm(z)` (norms computed without overflow) whose
+    residual has also fallen to at most half of the starting residual (or at `z0` itself).
+    A residual that grows a millionfold ends the solve as `RESULTS.diverged`; so does
+    running out of steps without any iterate improving on the residual of `z0` while the
+    iterate drifts away (a map without a fixed point, such as `z + 1`). Non-finite values end it as
+    `RESULTS.nonfinite`.
+
+    **Returns:** an `fpx.Solution` with `value`, `result`, `stats` (`num_steps`,
+    `residual_norm`, `num_fn_evals`, and solver-specific entries) and `aux`.
 
     ```python
     import jax, jax.numpy as jnp, fpx
@@ -377,22 +403,22 @@ def fixed_point(
     sol = fpx.fixed_point(cell, jnp.zeros(3), jnp.ones(3), solver=fpx.Anderson())
     assert sol.converged and sol.stats["residual_norm"] < 1e-4
     grad = jax.grad(lambda x: fpx.fixed_point(cell, jnp.zeros(3), x).value.sum())(jnp.ones(3))
+    tangent = jax.jvp(lambda x: fpx.fixed_point(cell, jnp.zeros(3), x).value, (jnp.ones(3),), (jnp.ones(3),))[1]
+    assert jnp.allclose(tangent.sum(), grad.sum(), rtol=1e-3)
     ```
     """
-    from .adjoint import AbstractAdjoint, ImplicitAdjoint
-
-    if not isinstance(solver, AbstractFixedPointSolver):
-        raise TypeError(
-            f"`solver` must be an fpx solver (e.g. fpx.Picard(), fpx.Anderson()), got {type(solver).__name__}."
-        )
-    if adjoint is None:
-        adjoint = ImplicitAdjoint()
+    checks.function("", "fn", fn, what="a function fn(z, args) -> z")
+    checks.solver("", "solver", solver)
     if not isinstance(adjoint, AbstractAdjoint):
-        raise TypeError(f"`adjoint` must be an fpx adjoint (e.g. fpx.ImplicitAdjoint()), got {type(adjoint).__name__}.")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be an integer >= 1, got {max_steps!r}.")
-    if isinstance(trace_length, bool) or not isinstance(trace_length, (int, np.integer)) or trace_length < 0:
-        raise ValueError(f"`trace_length` must be a non-negative integer, got {trace_length!r}.")
+        raise TypeError(
+            f"`adjoint` must be an fpx adjoint (e.g. fpx.ImplicitAdjoint(), fpx.JFBAdjoint()), got {adjoint!r}."
+        )
+    max_steps = checks.integer("", "max_steps", max_steps, minimum=1)
+    trace_length = checks.integer("", "trace_length", trace_length, minimum=0)
+    if not isinstance(throw, (bool, np.bool_)):
+        raise TypeError(f"`throw` must be True or False, got {throw!r}.")
+    if not isinstance(has_aux, (bool, np.bool_)):
+        raise TypeError(f"`has_aux` must be True or False, got {has_aux!r}.")
     if detect_infeasible is True:
         detect_infeasible = DisplacementTest()
     elif detect_infeasible is False or detect_infeasible is None:
@@ -407,21 +433,31 @@ def fixed_point(
             f"towards a fixed point at infinity instead of drifting)."
         )
     z0 = _check_z0(z0)
-    _check_output(fn, z0, args)
-    fn = eqx.filter_closure_convert(fn, z0, args)
-    sol = adjoint.apply(
-        _iterate,
-        fn,
-        z0,
-        args,
+    _check_output(fn, z0, args, bool(has_aux))
+    _warn_below_resolution(solver, z0)
+    # Only the arrays of `args` travel through the solve (and its differentiation rule);
+    # Python scalars, None and other static leaves are closed over.
+    dynamic_args, static_args = eqx.partition(args, eqx.is_array)
+
+    def fn_dynamic(z, dynamic):
+        out = fn(z, eqx.combine(dynamic, static_args))
+        return out[0] if has_aux else out
+
+    converted = eqx.filter_closure_convert(fn_dynamic, z0, dynamic_args)
+    inputs = SolveInputs(
+        fn=converted,
+        z0=z0,
+        args=dynamic_args,
         solver=solver,
-        max_steps=int(max_steps),
+        max_steps=max_steps,
         infeasibility=detect_infeasible,
-        trace_length=int(trace_length),
-        throw=throw,
+        trace_length=trace_length,
+        throw=bool(throw),
         backward_probe=backward_probe,
     )
+    sol = adjoint.apply(_iterate, inputs)
+    if has_aux:
+        sol = dataclasses.replace(sol, aux=fn(sol.value, args)[1])
     if throw:
-        sol = raise_if_failed(sol, solver, int(max_steps))
+        sol = raise_if_failed(sol, solver, max_steps)
     return sol
-

@@ -2,14 +2,88 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import optimistix as optx
 from jax.flatten_util import ravel_pytree
 
-two_norm = optx.two_norm
-rms_norm = optx.rms_norm
-max_norm = optx.max_norm
+
+def max_norm(x) -> jax.Array:
+    """The largest absolute entry of a pytree of arrays (0 for an empty tree).
+
+    ```python
+    import jax.numpy as jnp, fpx
+    assert fpx.max_norm({"a": jnp.array([3.0, -4.0]), "b": jnp.array(1.0)}) == 4.0
+    ```
+    """
+    leaves = [jnp.asarray(leaf) for leaf in jtu.tree_leaves(x)]
+    maxes = [jnp.max(jnp.abs(leaf)) for leaf in leaves if leaf.size > 0]
+    if not maxes:
+        return jnp.zeros((), jnp.result_type(*leaves) if leaves else jnp.result_type(float))
+    out = maxes[0]
+    for m in maxes[1:]:
+        out = jnp.maximum(out, m)
+    return out
+
+
+@jax.custom_jvp
+def _scaled_two_norm(x):
+    leaves = [jnp.asarray(leaf) for leaf in jtu.tree_leaves(x)]
+    scale = max_norm(leaves)
+    # Dividing by the largest entry first keeps the sum of squares in [1, n]: the norm of
+    # a float32 vector with entries near 1e20 is finite, not inf (the relative tolerance
+    # `rtol * |z|` of a diverging iterate must not overflow into "everything passes").
+    positive = scale > 0
+    safe = jnp.where(positive & jnp.isfinite(scale), scale, 1.0)
+    total = sum(jnp.sum(jnp.square(leaf / safe.astype(leaf.dtype))) for leaf in leaves)
+    out = safe * jnp.sqrt(jnp.where(positive, total, 1.0))
+    # inf and NaN entries give an inf / NaN norm (the driver's non-finite check needs them).
+    return jnp.where(scale == 0, 0.0, jnp.where(jnp.isfinite(scale), out, scale)).astype(scale.dtype)
+
+
+@_scaled_two_norm.defjvp
+def _scaled_two_norm_jvp(primals, tangents):
+    (x,), (tx,) = primals, tangents
+    out = _scaled_two_norm(x)
+    # Zero (not NaN) derivative at 0 and at infinity.
+    degenerate = (out == 0) | ~jnp.isfinite(out)
+    safe = jnp.where(degenerate, 1.0, out)
+    dot = sum(
+        jnp.sum((a / safe.astype(a.dtype)) * b)
+        for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(tx))
+    )
+    return out, jnp.where(degenerate, 0.0, dot).astype(out.dtype)
+
+
+def two_norm(x) -> jax.Array:
+    """The Euclidean norm of a pytree of arrays, computed without overflow.
+
+    The entries are scaled by the largest one before squaring, so a finite vector always
+    has a finite norm (in float32 `sqrt(sum(z**2))` is inf once the entries pass ~1e19).
+    The derivative at 0 is 0.
+
+    ```python
+    import jax.numpy as jnp, fpx
+    assert fpx.two_norm(jnp.array([3.0, 4.0])) == 5.0
+    assert jnp.isfinite(fpx.two_norm(jnp.full(4, 1e30, jnp.float32)))
+    ```
+    """
+    return _scaled_two_norm(x)
+
+
+def rms_norm(x) -> jax.Array:
+    """Root-mean-square norm `two_norm(x) / sqrt(size)` of a pytree of arrays, without overflow.
+
+    ```python
+    import jax.numpy as jnp, fpx
+    assert fpx.rms_norm(jnp.array([3.0, 4.0, 0.0, 0.0])) == 2.5
+    ```
+    """
+    size = sum(jnp.size(leaf) for leaf in jtu.tree_leaves(x))
+    norm = two_norm(x)
+    return norm if size == 0 else norm / math.sqrt(size)
 
 
 def tree_sub(x, y):
@@ -37,6 +111,8 @@ def tree_describe(tree) -> str:
     """``{'a': f32[3], 'b': f64[]}``-style summary of a pytree of arrays/shape-dtype structs."""
 
     def leaf(x):
+        if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+            return f"{type(x).__name__} {x!r}"
         dtype = jnp.dtype(x.dtype)
         short = {"f": "f", "i": "i", "u": "u", "b": "bool", "c": "c"}.get(dtype.kind, dtype.name)
         name = short if dtype.kind == "b" else f"{short}{dtype.itemsize * 8}"

@@ -31,11 +31,13 @@ class RESULTS(eqx.Enumeration):
         "vector (see `sol.stats['displacement']`). For a feasibility problem the sets do "
         "not intersect."
     )
-    backward_failed = (
-        "The backward (adjoint) solve of the implicit gradient did not converge: "
-        "I - dT/dz is (nearly) singular or the adjoint iteration diverged. Use a "
-        "stronger adjoint solver (e.g. `ImplicitAdjoint(linear_solver=lineax.GMRES(...))`) "
-        "or make the operator more contractive."
+    diverged = (
+        "The iteration diverged: the residual |z - T(z)| grew to more than a million times "
+        "its starting value, or the iterate drifted away while no iterate improved on the "
+        "starting residual (T has no fixed point near the iterates, or is expansive "
+        "there). Check fn, start closer to a fixed point, or damp the iteration (e.g. "
+        "`fpx.KM(alpha=0.5)`); for a problem that may have no fixed point at all, pass "
+        "`detect_infeasible=True` with Picard, KM or Halpern."
     )
     gap_not_closed = (
         "The iteration passed the fixed-point test, but its point is not within tolerance of "
@@ -44,8 +46,10 @@ class RESULTS(eqx.Enumeration):
         "problem). Use a drifting solver (Picard, KM, Halpern) with infeasibility detection."
     )
     breakdown = (
-        "The solver broke down (a quasi-Newton or Krylov update became singular) and "
-        "could not continue from its best iterate."
+        "The solver broke down: its Newton direction does not reduce the residual (the "
+        "linear solve of (I - dT/dz) d = -(z - T(z)) failed, e.g. I - dT/dz is singular "
+        "there, or the line search found no decrease). Try another starting point or a "
+        "fixed-point solver such as `fpx.Anderson()`."
     )
 
 
@@ -60,13 +64,35 @@ class Solution(eqx.Module):
     - `stats`: a dict with at least `num_steps`, `residual_norm` (of `value`) and
       `num_fn_evals`, plus solver-specific entries (e.g. `num_rejected` for Anderson) and
       `residual_trace` / `displacement` when requested.
+    - `aux`: with `fixed_point(..., has_aux=True)`, the auxiliary output of `fn` at `value`
+      (`fn(value, args)[1]`); otherwise `None`.
     """
 
     value: PyTree[Any]
     result: RESULTS
     stats: dict[str, PyTree[ArrayLike]]
+    aux: PyTree[Any] = None
 
     @property
     def converged(self):
         """Boolean array: `result == RESULTS.successful`."""
         return self.result == RESULTS.successful
+
+
+class SolveInputs(eqx.Module):
+    """Everything one solve needs, handed from `fixed_point` to an adjoint's `apply`.
+
+    `fn(z, args)` is closure-converted and `args` holds only arrays (the static parts of
+    the user's `args` are closed over), so every array leaf of `(fn, args)` is something
+    the solve may be differentiated with respect to.
+    """
+
+    fn: Any
+    z0: PyTree[Any]
+    args: PyTree[Any]
+    solver: Any
+    max_steps: int = eqx.field(static=True)
+    infeasibility: Any
+    trace_length: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+    backward_probe: Any = None

@@ -35,16 +35,21 @@ def real(
     high_open: bool = False,
     allow_inf: bool = False,
     hint: str = "",
+    label: str | None = None,
+    context: str = "",
 ):
     """Check a real scalar hyperparameter: a Python/NumPy number or a scalar JAX array.
 
     Concrete values must be finite (unless `allow_inf`) and lie in the given interval.
-    Returns the value unchanged.
+    Returns the value unchanged. `label` replaces the default "`owner(name=...)`";
+    `context` follows the offending value in the message.
     """
-    where = _where(owner, name)
-    bounds = _describe_interval(low, high, low_open, high_open)
+    where = label or _where(owner, name)
+    phrase = _phrase(low, high, low_open, high_open)
+    kind = "real number" if phrase.startswith("lie") else phrase.split(" ", 1)[1].removeprefix("a ")
+    interval = phrase.removeprefix("lie ") if phrase.startswith("lie") else ""
     if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)) or value is None:
-        raise TypeError(f"{where} must be a real number{bounds}, got {value!r} ({type(value).__name__}).{hint}")
+        raise TypeError(f"{where} must be a {kind}{' ' + interval if interval else ''}, got {value!r} ({type(value).__name__}){context}.{hint}")
     if isinstance(value, jax.core.Tracer):
         if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
             raise TypeError(f"{where} must be a real scalar, got a traced array of shape {value.shape}, dtype {value.dtype}.")
@@ -56,38 +61,41 @@ def real(
     elif isinstance(value, numbers.Real):
         number = float(value)
     else:
-        raise TypeError(f"{where} must be a real number{bounds}, got {value!r} ({type(value).__name__}).{hint}")
-    if math.isnan(number) or (math.isinf(number) and not allow_inf):
-        raise ValueError(f"{where} must be a finite number{bounds}, got {value!r}.{hint}")
-    ok = True
+        raise TypeError(f"{where} must be a {kind}{' ' + interval if interval else ''}, got {value!r} ({type(value).__name__}){context}.{hint}")
+    ok = not math.isnan(number) and (allow_inf or not math.isinf(number))
     if low is not None:
         ok &= number > low if low_open else number >= low
     if high is not None:
         ok &= number < high if high_open else number <= high
     if not ok:
-        raise ValueError(f"{where} must be a number{bounds}, got {value!r}.{hint}")
+        if math.isnan(number) or math.isinf(number):
+            phrase = f"{phrase} and be finite"
+        raise ValueError(f"{where} must {phrase}, got {value!r}{context}.{hint}")
     return value
 
 
-def _describe_interval(low, high, low_open, high_open) -> str:
+def _phrase(low, high, low_open, high_open) -> str:
     if low is None and high is None:
-        return ""
+        return "be a number"
     if high is None:
-        return f" {'>' if low_open else '>='} {low:g}"
+        if low == 0 and not low_open:
+            return "be a non-negative number"
+        return f"be a number {'>' if low_open else '>='} {low:g}"
     if low is None:
-        return f" {'<' if high_open else '<='} {high:g}"
+        return f"be a number {'<' if high_open else '<='} {high:g}"
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
-    return f" in {left}{low:g}, {high:g}{right}"
+    return f"lie in {left}{low:g}, {high:g}{right}"
 
 
 def integer(owner: str, name: str, value: Any, *, minimum: int = 1, maximum: int = INT32_MAX) -> int:
     """A Python int in `[minimum, maximum]` (default at most int32's max: loop counters are int32)."""
     where = _where(owner, name)
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{where} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}).")
+        raise ValueError(f"{where} must be {what}, got {value!r} ({type(value).__name__}).")
     if not minimum <= int(value) <= maximum:
-        raise ValueError(f"{where} must be an integer in [{minimum}, {maximum}], got {value!r}.")
+        raise ValueError(f"{where} must be {what} (at most {maximum}), got {value!r}.")
     return int(value)
 
 

@@ -1,111 +1,364 @@
-"""How `fixed_point` is differentiated: implicit (custom_vjp) adjoints."""
+"""How `fixed_point` is differentiated: implicit adjoints and their alternatives.
+
+`ImplicitAdjoint` differentiates the fixed point `z* = T(z*, θ)` by the implicit function
+theorem, in forward and reverse mode and to any order. The one new object is a linear
+fixed-point solve, written as a JAX primitive (`_linear_fixed_point_p`) so that JAX can
+differentiate, transpose and batch it:
+
+- forward mode: `ż = J ż + ẏ` with `J = ∂T/∂z` at `z*` and `ẏ = ∂T/∂θ · θ̇` (a jvp);
+- reverse mode is its transpose: `u = Jᵀ u + ḡ` (a vjp per step), then `θ̄ = (∂T/∂θ)ᵀ u`
+  by JAX's own transposition of `ẏ`, outside the solve (under `vmap` one batched matmul
+  for a shared weight, never one parameter gradient per member);
+- higher orders (`jax.hessian`, `jax.jvp(jax.grad(...))`) differentiate the solve itself:
+  `d[(I - L)⁻¹ b] = (I - L)⁻¹ (ḃ + L̇ u)`.
+The forward iteration is never differentiated, so memory does not grow with `max_steps`.
+"""
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools as ft
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import lineax as lx
 
+from . import _validate as checks
+from ._errors import FixedPointError, unvmapped_worst
 from ._misc import tree_add, tree_sub, two_norm
-from ._solution import RESULTS, Solution
-from .solvers._anderson import Anderson
-from .solvers._base import AbstractFixedPointSolver
-from .solvers._newton_krylov import NewtonKrylov
+from ._solution import RESULTS, Solution, SolveInputs
+from .solvers import AbstractFixedPointSolver, Anderson, Halpern, NewtonKrylov
+
+Forward = Callable[..., Solution]
 
 
 class AbstractAdjoint(eqx.Module):
-    """Base class: `apply` runs the forward iteration and attaches a differentiation rule."""
+    """Base class: `apply(forward, inputs)` runs `forward(inputs)` and attaches a differentiation rule.
+
+    `inputs` is an `fpx.SolveInputs` bundle (the closure-converted `fn`, `z0`, the array
+    part of `args`, the solver, `max_steps`, ...); `forward` is the driver's iteration.
+    """
 
     @abc.abstractmethod
-    def apply(
-        self,
-        forward: Callable[..., Solution],
-        fn,
-        z0,
-        args,
-        *,
-        solver: AbstractFixedPointSolver,
-        max_steps: int,
-        infeasibility,
-        trace_length: int,
-        throw: bool,
-        backward_probe=None,
-    ) -> Solution: ...
+    def apply(self, forward: Forward, inputs: SolveInputs) -> Solution: ...
+
+
+def _stop_gradient_arrays(tree):
+    # `jnp.asarray`: stop_gradient of a tracer of a Python scalar (`jax.grad(f)(1.0)`)
+    # returns the bare Python float, which would then no longer count as an array leaf.
+    return jtu.tree_map(lambda x: jnp.asarray(jax.lax.stop_gradient(x)) if eqx.is_array(x) else x, tree)
+
+
+def _undifferentiated(forward: Forward, inputs: SolveInputs) -> Solution:
+    """The forward solve with every input cut from differentiation."""
+    fn, z0, args = _stop_gradient_arrays((inputs.fn, inputs.z0, inputs.args))
+    return forward(dataclasses.replace(inputs, fn=fn, z0=z0, args=args))
+
+
+BACKWARD_FAILED = (
+    "I - dT/dz is (nearly) singular at the fixed point or the linear iteration diverged. "
+    "Use a stronger solver for it (e.g. `ImplicitAdjoint(solver=fpx.Anderson())` or "
+    "`ImplicitAdjoint(linear_solver=lineax.GMRES(rtol=1e-6, atol=1e-6))`), raise "
+    "`ImplicitAdjoint(max_steps=...)`, or make the operator more contractive."
+)
 
 
 class ImplicitAdjoint(AbstractAdjoint):
-    """Implicit-function-theorem gradients through `jax.custom_vjp`.
+    """Implicit-function-theorem derivatives: reverse, forward and higher order.
 
-    At the fixed point `z* = T(z*, θ)`, the cotangent `ḡ` of `z*` is pulled back by solving
-    the adjoint fixed point `u = (∂T/∂z)^T u + ḡ` (matrix-free: one vjp of `T` per step, the
-    Jacobian is never formed) and returning `(∂T/∂θ)^T u`. Memory does not grow with the
-    number of forward iterations.
+    At the fixed point `z* = T(z*, θ)`, the tangent of `z*` solves `ż = J ż + ∂T/∂θ θ̇`
+    (`J = ∂T/∂z`, one jvp of `T` per step) and the cotangent `ḡ` is pulled back by the
+    transposed solve `u = Jᵀ u + ḡ` (one vjp per step), then `θ̄ = (∂T/∂θ)ᵀ u`. The
+    Jacobian is never formed and memory does not grow with the number of forward
+    iterations. Both linear solves work on the right-hand side scaled to unit norm, so
+    `rtol`/`atol` mean the same thing whatever the scale of the loss.
 
     **Arguments:**
 
-    - `solver`: fpx solver for the adjoint fixed point; default: the forward solver
-      (Anderson for a `NewtonKrylov` forward, since the adjoint problem is linear).
+    - `solver`: fpx solver for the linear fixed points; default: the forward solver, except
+      `Anderson` (same tolerances and norm) after `NewtonKrylov` or `Halpern` forward solves
+      (the linear problem is best served by Anderson, which is GMRES on linear maps, not by
+      Halpern's O(1/k) rate).
     - `linear_solver`: a lineax solver (e.g. `lineax.GMRES(rtol, atol)`) for
-      `(I - ∂T/∂z^T) u = ḡ` instead; overrides `solver`.
-    - `max_steps`: step budget of the adjoint solve; default: the forward `max_steps`.
+      `(I - J) ż = ẏ` and `(I - Jᵀ) u = ḡ` instead; overrides `solver`.
+    - `max_steps`: step budget of each linear solve; default: the forward `max_steps`.
 
-    A failed adjoint solve raises with `throw=True`; with `throw=False` the gradient is
-    NaN (never a silent zero or an unconverged vector).
+    A failed linear solve raises with `throw=True` (naming the lineax reason when a lineax
+    solver is used); with `throw=False` the derivative is NaN (never a silent zero or an
+    unconverged vector).
 
     ```python
     import jax, jax.numpy as jnp, fpx
     f = lambda a: fpx.fixed_point(lambda z, a: 0.5 * jnp.sin(z) + a, jnp.zeros(2), a,
-                                  adjoint=fpx.ImplicitAdjoint(solver=fpx.Anderson())).value.sum()
-    g = jax.grad(f)(jnp.ones(2))
+                                  adjoint=fpx.ImplicitAdjoint(solver=fpx.Anderson())).value
+    g = jax.grad(lambda a: f(a).sum())(jnp.ones(2))
+    _, t = jax.jvp(f, (jnp.ones(2),), (jnp.ones(2),))
+    assert jnp.allclose(g.sum(), t.sum(), rtol=1e-4)
     ```
     """
 
     solver: AbstractFixedPointSolver | None = None
-    linear_solver: lx.AbstractLinearSolver | None = None
+    linear_solver: Any = None
     max_steps: int | None = None
 
+    def __check_init__(self):
+        checks.solver("ImplicitAdjoint", "solver", self.solver, allow_none=True)
+        if self.max_steps is not None:
+            checks.integer("ImplicitAdjoint", "max_steps", self.max_steps, minimum=1)
+        if self.linear_solver is not None:
+            import lineax as lx
+
+            if not isinstance(self.linear_solver, lx.AbstractLinearSolver):
+                raise TypeError(
+                    f"`ImplicitAdjoint(linear_solver=...)` must be a lineax solver such as "
+                    f"lineax.GMRES(rtol=1e-6, atol=1e-6), got {self.linear_solver!r}."
+                )
+
     def backward_solver(self, forward_solver: AbstractFixedPointSolver) -> AbstractFixedPointSolver:
+        """The fpx solver used for the linear (tangent and adjoint) fixed points."""
         if self.solver is not None:
             return self.solver
-        if isinstance(forward_solver, NewtonKrylov):
+        if isinstance(forward_solver, (NewtonKrylov, Halpern)):
             return Anderson(rtol=forward_solver.rtol, atol=forward_solver.atol, norm=forward_solver.norm)
         return forward_solver
 
-    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw, backward_probe=None):
-        sol = _forward_without_gradient(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length)
-        z_star = jax.lax.stop_gradient(sol.value)
-        # Gradients reach `args` through one ordinary evaluation y = T(z*, args); the custom
-        # rule below only replaces y's cotangent ḡ by the adjoint solution u. Keeping the
-        # parameter vjp outside the custom_vjp matters under vmap: there JAX transposes the
-        # batched program (one matmul for a shared weight) instead of materialising one
-        # parameter gradient per batch member and summing them.
-        y = fn(z_star, args)
-        config = _AdjointConfig(
+    def apply(self, forward, inputs):
+        sol = _undifferentiated(forward, inputs)
+        config = _LinearConfig(
             forward=forward,
-            solver=self.backward_solver(solver),
+            solver=self.backward_solver(inputs.solver),
             linear_solver=self.linear_solver,
-            max_steps=self.max_steps if self.max_steps is not None else max_steps,
-            throw=throw,
+            max_steps=self.max_steps if self.max_steps is not None else inputs.max_steps,
+            throw=inputs.throw,
         )
-        if backward_probe is None:
-            backward_probe = jnp.zeros((BACKWARD_PROBE_SIZE,), jnp.result_type(float))
-        value = _implicit_identity((y, backward_probe), z_star, _stop_gradient_arrays((fn, args)), config)
+        value = _implicit_value(jax.lax.stop_gradient(sol.value), inputs.fn, inputs.args, inputs.backward_probe, config)
         return Solution(value=value, result=sol.result, stats=sol.stats)
 
 
-class _AdjointConfig(eqx.Module):
+class _LinearConfig(eqx.Module):
     forward: Callable = eqx.field(static=True)
     solver: AbstractFixedPointSolver
     linear_solver: Any
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
+
+
+@eqx.filter_custom_jvp
+def _implicit_value(z_star, fn, args, probe, config):
+    """`z*` itself; its tangent is the linear solve `ż = J ż + ∂T/∂θ θ̇`."""
+    del fn, args, probe, config
+    return z_star
+
+
+@_implicit_value.def_jvp
+def _implicit_value_jvp(primals, tangents):
+    z_star, fn, args, probe, config = primals
+    _, t_fn, t_args, t_probe, _ = tangents
+    # `args` holds arrays only (fixed_point closes over the rest), but JAX hands the primal
+    # of a traced Python scalar to this rule as a bare float: make it an array again.
+    args = jtu.tree_map(jnp.asarray, args)
+    # Calling the rule's own function keeps higher derivatives implicit too.
+    z = _implicit_value(z_star, fn, args, probe, config)
+    t_fn, t_args = jtu.tree_map(eqxi.materialise_zeros, (fn, args), (t_fn, t_args), is_leaf=lambda x: x is None)
+    _, y_dot = eqx.filter_jvp(lambda f, a: f(z, a), (fn, args), (t_fn, t_args))
+    if probe is not None and eqx.is_array(probe):
+        t_probe = eqxi.materialise_zeros(probe, t_probe)
+        # Give the probe the batch dimension of the solve (under vmap), so that its
+        # cotangent, the adjoint statistics of each member, is summed over members by the
+        # transpose of this broadcast rather than refused by the batching rule.
+        t_probe = t_probe + jax.lax.stop_gradient(jnp.where(True, 0.0, _first_entry(z)).astype(t_probe.dtype))
+    else:
+        t_probe = None
+    z_dot, _ = _bind((fn, z, args), y_dot, t_probe, config, False)
+    return z, z_dot
+
+
+def _first_entry(tree):
+    leaf = jtu.tree_leaves(tree)[0]
+    return jnp.reshape(leaf, (-1,))[0]
+
+
+def _linear_map(residuals, transposed: bool):
+    """`u -> J u` (tangent problem) or `u -> Jᵀ u` (adjoint problem), `J = ∂T/∂z` at `z`."""
+    fn, z, args = residuals.unpack() if isinstance(residuals, _Packed) else residuals
+    # JAX may pass traced Python scalars back as bare floats (jaxpr literals).
+    z, args = jtu.tree_map(jnp.asarray, (z, args))
+    if transposed:
+        _, vjp = jax.vjp(lambda v: fn(v, args), z)
+        return lambda u: vjp(u)[0]
+    _, jvp = jax.linearize(lambda v: fn(v, args), z)
+    return jvp
+
+
+class _Report(eqx.Module):
+    num_steps: Any
+    residual: Any
+    failed: Any
+    reason: Any
+
+
+def _solve_linear(residuals, rhs, config: _LinearConfig, transposed: bool):
+    """Solve `u = L u + rhs` for the unit-norm `rhs / |rhs|`, then scale back."""
+    apply_l = _linear_map(residuals, transposed)
+    rhs_norm = two_norm(rhs)
+    scale = jnp.where(rhs_norm > 0, rhs_norm, 1.0)
+    b = jtu.tree_map(lambda x: x / scale.astype(x.dtype), rhs)
+    if config.linear_solver is not None:
+        import lineax as lx
+
+        operator = lx.FunctionLinearOperator(lambda u: tree_sub(u, apply_l(u)), jax.eval_shape(lambda: b))
+        lin = lx.linear_solve(operator, b, config.linear_solver, throw=False)
+        u = lin.value
+        reason = lin.result._value
+        failed = lin.result != lx.RESULTS.successful
+        num_steps = jnp.asarray(lin.stats.get("num_steps", 0))
+        residual = two_norm(tree_sub(b, operator.mv(u)))
+    else:
+        inputs = SolveInputs(
+            fn=lambda u, b: tree_add(apply_l(u), b),
+            z0=b,
+            args=b,
+            solver=config.solver,
+            max_steps=config.max_steps,
+            infeasibility=None,
+            trace_length=0,
+            throw=False,
+        )
+        sol = config.forward(inputs)
+        u = sol.value
+        reason = sol.result._value
+        failed = sol.result != RESULTS.successful
+        num_steps = sol.stats["num_steps"]
+        residual = sol.stats["residual_norm"]
+    if config.throw:
+        _raise_if_linear_failed(failed, num_steps, residual, reason, transposed, config)
+    else:
+        u = jtu.tree_map(lambda x: jnp.where(failed, jnp.nan, x), u)
+    u = jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
+    dtype = jnp.result_type(*jtu.tree_leaves(rhs))
+    report = jnp.stack([jnp.asarray(num_steps).astype(dtype), jnp.asarray(residual).astype(dtype), failed.astype(dtype)])
+    return u, report
+
+
+def _raise_if_linear_failed(failed, num_steps, residual, reason, transposed, config):
+    which = "backward (adjoint) solve of the implicit gradient" if transposed else "tangent (forward-mode) solve"
+
+    def check(any_failed, num_steps, residual, reason):
+        if not bool(any_failed):
+            return
+        if config.linear_solver is not None:
+            import lineax as lx
+
+            why = f"lineax reports: {lx.RESULTS._index_to_message[int(reason)] or 'failure'}"
+        else:
+            why = f"{type(config.solver).__name__} ended with: {RESULTS._index_to_message[int(reason)]}"
+        raise FixedPointError(
+            f"fpx.fixed_point: the {which} failed after {int(num_steps)} steps, residual "
+            f"{float(residual):.3e} relative to the right-hand side.\n{why}\n{BACKWARD_FAILED}"
+        )
+
+    any_failed, (worst_steps, worst_residual, worst_reason) = unvmapped_worst(
+        failed, jnp.asarray(num_steps), jnp.asarray(residual), jnp.asarray(reason)
+    )
+    jax.debug.callback(check, any_failed, worst_steps, worst_residual, worst_reason)
+
+
+# The primitive: inputs (residuals, rhs, probe, config, transposed); `rhs` and `probe` are
+# its linear inputs (the probe only receives the adjoint report as its cotangent).
+
+
+def _linear_impl(residuals, rhs, probe, config, transposed):
+    del probe
+    return _solve_linear(residuals, rhs, config, transposed)
+
+
+def _linear_abstract_eval(residuals, rhs, probe, config, transposed):
+    to_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.core.ShapedArray) else x
+    residuals, rhs, probe, config = jtu.tree_map(to_struct, (residuals, rhs, probe, config))
+    out = eqx.filter_eval_shape(_linear_impl, residuals, rhs, probe, config, transposed)
+    return jtu.tree_map(lambda x: jax.core.ShapedArray(x.shape, x.dtype), out)
+
+
+def _linear_jvp(primals, tangents):
+    residuals, rhs, probe, config, transposed = primals
+    t_residuals, t_rhs, _, _, _ = tangents
+    u, report = _bind(residuals, rhs, probe, config, transposed)
+    rhs_dot = jtu.tree_map(eqxi.materialise_zeros, rhs, t_rhs, is_leaf=lambda x: x is None)
+    if any(t is not None for t in jtu.tree_leaves(t_residuals, is_leaf=lambda x: x is None)):
+        # d[(I - L)^{-1} b] = (I - L)^{-1} (ḃ + L̇ u): differentiate u -> L u in the residuals.
+        t_residuals = jtu.tree_map(eqxi.materialise_zeros, residuals, t_residuals, is_leaf=lambda x: x is None)
+        u_fixed = jax.lax.stop_gradient(u)
+        _, l_dot_u = eqx.filter_jvp(lambda r: _linear_map(r, transposed)(u_fixed), (residuals,), (t_residuals,))
+        rhs_dot = tree_add(rhs_dot, l_dot_u)
+    u_dot, _ = _bind(residuals, rhs_dot, None, config, transposed)
+    return (u, report), (u_dot, None)
+
+
+def _linear_transpose(inputs, cts_out):
+    residuals, rhs, probe, config, transposed = inputs
+    undefined = jax.interpreters.ad.UndefinedPrimal
+    ct_u, _ = cts_out
+    ct_u = jtu.tree_map(
+        lambda r, c: (jnp.zeros(r.aval.shape, r.aval.dtype) if isinstance(r, undefined) else jnp.zeros_like(r)) if c is None else c,
+        rhs,
+        ct_u,
+        is_leaf=lambda x: isinstance(x, undefined) or x is None,
+    )
+    ct_rhs, report = _bind(residuals, ct_u, None, config, not transposed)
+    # Only undefined (linear) inputs receive cotangents: `rhs` is a constant when only the
+    # probe is differentiated.
+    ct_rhs = jtu.tree_map(lambda r, c: c if isinstance(r, undefined) else None, rhs, ct_rhs, is_leaf=lambda x: isinstance(x, undefined))
+    ct_probe = None
+    if isinstance(probe, undefined):
+        ct_probe = report.astype(probe.aval.dtype)
+    return jtu.tree_map(lambda _: None, residuals), ct_rhs, ct_probe, jtu.tree_map(lambda _: None, config), None
+
+
+class _Packed(eqx.Module):
+    """The residuals `(fn, z*, args)` with every scalar array stored with shape `(1,)`.
+
+    JAX inlines scalar constants into jaxprs as literals and hands them back to transpose
+    rules as bare Python numbers, which would no longer count as operands of the
+    primitive; arrays of shape `(1,)` are never inlined.
+    """
+
+    arrays: list
+    static: Any = eqx.field(static=True)
+    scalar: tuple = eqx.field(static=True)
+
+    @staticmethod
+    def pack(tree) -> "_Packed":
+        tree = jtu.tree_map(lambda x: jnp.asarray(x) if isinstance(x, numbers.Number) else x, tree)
+        dynamic, static = eqx.partition(tree, eqx.is_array)
+        leaves, treedef = jtu.tree_flatten(dynamic)
+        scalar = tuple(jnp.ndim(x) == 0 for x in leaves)
+        arrays = [jnp.reshape(x, (1,)) if s else x for x, s in zip(leaves, scalar)]
+        return _Packed(arrays=arrays, static=(static, treedef), scalar=scalar)
+
+    def unpack(self):
+        static, treedef = self.static
+        leaves = [jnp.reshape(x, ()) if s else x for x, s in zip(self.arrays, self.scalar)]
+        return eqx.combine(jtu.tree_unflatten(treedef, leaves), static)
+
+
+def _bind(residuals, rhs, probe, config, transposed):
+    packed = residuals if isinstance(residuals, _Packed) else _Packed.pack(residuals)
+    return eqxi.filter_primitive_bind(_linear_fixed_point_p, packed, rhs, probe, config, transposed)
+
+
+_linear_fixed_point_p = eqxi.create_vprim(
+    "fpx_linear_fixed_point",
+    eqxi.filter_primitive_def(_linear_impl),
+    eqxi.filter_primitive_def(_linear_abstract_eval),
+    eqxi.filter_primitive_jvp(_linear_jvp),
+    eqxi.filter_primitive_transpose(_linear_transpose),
+)
 
 
 BACKWARD_PROBE_SIZE = 3
@@ -132,88 +385,6 @@ def backward_probe(dtype=None):
     return jnp.zeros((BACKWARD_PROBE_SIZE,), dtype or jnp.result_type(float))
 
 
-@eqx.filter_custom_vjp
-def _implicit_identity(y_and_probe, z_star, fn_args, config):
-    """Returns `z*` (exactly); pulls a cotangent ḡ of `z*` back to `u = (I - J^T)^{-1} ḡ` on `y`."""
-    del y_and_probe
-    return z_star
-
-
-@_implicit_identity.def_fwd
-def _implicit_identity_fwd(perturbed, y_and_probe, z_star, fn_args, config):
-    del perturbed, y_and_probe
-    return z_star, None
-
-
-@_implicit_identity.def_bwd
-def _implicit_identity_bwd(residuals, gbar, perturbed, y_and_probe, z_star, fn_args, config):
-    del residuals
-    probe = y_and_probe[1]
-    from ._fixed_point import FixedPointError
-
-    fn, args = fn_args
-    gbar = jtu.tree_map(
-        lambda g, z: jnp.zeros_like(z) if g is None else g,
-        gbar,
-        z_star,
-        is_leaf=lambda x: x is None,
-    )
-    _, vjp_z = eqx.filter_vjp(lambda z: fn(z, args), z_star)
-    # The adjoint equation is linear in ḡ, whose scale is arbitrary (it depends on how the
-    # loss is normalised): solve for ḡ / |ḡ| so that `atol` means the same thing for
-    # every loss, then scale back.
-    gbar_norm = two_norm(gbar)
-    scale = jnp.where(gbar_norm > 0, gbar_norm, 1.0)
-    gbar = jtu.tree_map(lambda g: g / scale.astype(g.dtype), gbar)
-
-    if config.linear_solver is not None:
-        operator = lx.FunctionLinearOperator(
-            lambda u: jtu.tree_map(lambda a, b: a - b, u, vjp_z(u)[0]), jax.eval_shape(lambda: gbar)
-        )
-        lin = lx.linear_solve(operator, gbar, config.linear_solver, throw=False)
-        u = lin.value
-        failed = lin.result != lx.RESULTS.successful
-        num_steps = lin.stats.get("num_steps", jnp.array(0))
-        operator_residual = tree_sub(gbar, operator.mv(u))
-        residual = two_norm(operator_residual)
-    else:
-        adjoint_sol = config.forward(
-            lambda u, _: tree_add(vjp_z(u)[0], gbar), gbar, None, config.solver, config.max_steps, None, 0
-        )
-        u = adjoint_sol.value
-        failed = adjoint_sol.result != RESULTS.successful
-        num_steps = adjoint_sol.stats["num_steps"]
-        residual = adjoint_sol.stats["residual_norm"]
-
-    if config.throw:
-        from ._fixed_point import unvmapped_worst
-
-        def check(any_failed, num_steps, residual):
-            if bool(any_failed):
-                raise FixedPointError(
-                    f"fpx.fixed_point: the backward (adjoint) solve of the implicit gradient failed "
-                    f"(steps {int(num_steps)}, residual {float(residual):.3e} relative to |ḡ|).\n"
-                    f"{RESULTS._index_to_message[int(RESULTS.backward_failed._value)]}"
-                )
-
-        any_failed, (worst_steps, worst_residual) = unvmapped_worst(failed, jnp.asarray(num_steps), jnp.asarray(residual))
-        jax.debug.callback(check, any_failed, worst_steps, worst_residual)
-    else:
-        u = jtu.tree_map(lambda x: jnp.where(failed, jnp.nan, x), u)
-    u = jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
-    stats = jnp.stack([num_steps.astype(probe.dtype), residual.astype(probe.dtype), failed.astype(probe.dtype)])
-    return u, (stats if perturbed[1] else None)
-
-
-def _stop_gradient_arrays(tree):
-    return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
-
-
-def _forward_without_gradient(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length):
-    fn_ng, args_ng = _stop_gradient_arrays((fn, args))
-    return forward(fn_ng, jax.lax.stop_gradient(z0), args_ng, solver, max_steps, infeasibility, trace_length)
-
-
 class PhantomAdjoint(AbstractAdjoint):
     """Phantom gradient (Geng et al. 2021): backprop through a few damped steps at `z*`.
 
@@ -221,7 +392,8 @@ class PhantomAdjoint(AbstractAdjoint):
     damped iterations `z <- (1 - damping) z + damping T(z)` and differentiates those; the
     returned value is exactly `z*`. The gradient is that of a truncated, damped Neumann
     series of `(I - J)^{-1}`: cheap and biased, with the bias shrinking as `steps` grows
-    (measured in `tests/test_adjoints.py` and BENCHMARKS.md, not assumed).
+    (measured in `tests/test_adjoint.py` and BENCHMARKS.md, not assumed). Works in forward
+    and reverse mode.
 
     ```python
     import jax, jax.numpy as jnp, fpx
@@ -235,24 +407,22 @@ class PhantomAdjoint(AbstractAdjoint):
     damping: float = 0.5
 
     def __check_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"`PhantomAdjoint(steps=...)` must be a positive integer, got {self.steps!r}.")
-        if not (isinstance(self.damping, (int, float)) and 0 < self.damping <= 1):
-            raise ValueError(f"`PhantomAdjoint(damping=...)` must lie in (0, 1], got {self.damping!r}.")
+        checks.integer("PhantomAdjoint", "steps", self.steps, minimum=1)
+        checks.real("PhantomAdjoint", "damping", self.damping, low=0, high=1, low_open=True)
 
-    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw, backward_probe=None):
-        del throw, backward_probe
-        return _phantom(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length, self.steps, self.damping)
+    def apply(self, forward, inputs):
+        return _phantom(forward, inputs, self.steps, self.damping)
 
 
-def _phantom(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length, steps, damping):
-    sol = _forward_without_gradient(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length)
+def _phantom(forward, inputs, steps, damping):
+    sol = _undifferentiated(forward, inputs)
+    fn, args = inputs.fn, inputs.args
     z_star = jax.lax.stop_gradient(sol.value)
     z = z_star
     for _ in range(steps):
         fz = fn(z, args)
         z = jtu.tree_map(lambda a, b: (1 - damping) * a + damping * b, z, fz)
-    # The value stays exactly z*; only the gradient comes from the phantom steps.
+    # The value stays exactly z*; only the derivative comes from the phantom steps.
     value = jtu.tree_map(lambda s, p: s + (p - jax.lax.stop_gradient(p)), z_star, z)
     return Solution(value=value, result=sol.result, stats=sol.stats)
 
@@ -262,7 +432,8 @@ class JFBAdjoint(AbstractAdjoint):
 
     The gradient is `(∂T/∂θ)^T ḡ`, i.e. `(I - J)^{-1}` replaced by the identity: no
     backward solve at all. A descent direction when `T` is sufficiently contractive; its
-    error against the implicit gradient is measured, not assumed.
+    error against the implicit gradient is measured, not assumed. Works in forward and
+    reverse mode.
 
     ```python
     import jax, jax.numpy as jnp, fpx
@@ -272,17 +443,18 @@ class JFBAdjoint(AbstractAdjoint):
     ```
     """
 
-    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw, backward_probe=None):
-        del throw, backward_probe
-        return _phantom(forward, fn, z0, args, solver, max_steps, infeasibility, trace_length, 1, 1.0)
+    def apply(self, forward, inputs):
+        return _phantom(forward, inputs, 1, 1.0)
 
 
 class UnrolledAdjoint(AbstractAdjoint):
     """Backpropagation through the solver's iterations (checkpointed), for comparison.
 
     Uses equinox's checkpointed while loop (`checkpoints` saved states, recomputing the
-    rest), so memory grows only logarithmically with `max_steps` but compute roughly
-    doubles. Differentiates whatever the solver did, including an unconverged iterate.
+    rest; default: about log2(max_steps)), so memory grows only logarithmically with
+    `max_steps` but compute roughly doubles. Differentiates whatever the solver did,
+    including an unconverged iterate. Reverse mode only: a checkpointed loop cannot be
+    differentiated in forward mode (use `ImplicitAdjoint` for `jax.jvp`).
 
     ```python
     import jax, jax.numpy as jnp, fpx
@@ -294,9 +466,21 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     checkpoints: int | None = None
 
-    def apply(self, forward, fn, z0, args, *, solver, max_steps, infeasibility, trace_length, throw, backward_probe=None):
-        del throw, backward_probe
-        import equinox.internal as eqxi
+    def __check_init__(self):
+        if self.checkpoints is not None:
+            checks.integer("UnrolledAdjoint", "checkpoints", self.checkpoints, minimum=1)
 
-        loop = ft.partial(eqxi.while_loop, kind="checkpointed", max_steps=max_steps, checkpoints=self.checkpoints)
-        return forward(fn, jax.lax.stop_gradient(z0), args, solver, max_steps, infeasibility, trace_length, loop)
+    def apply(self, forward, inputs):
+        loop = ft.partial(eqxi.while_loop, kind="checkpointed", max_steps=inputs.max_steps, checkpoints=self.checkpoints)
+        inputs = dataclasses.replace(inputs, z0=jax.lax.stop_gradient(inputs.z0))
+        try:
+            return forward(inputs, loop)
+        except TypeError as e:
+            if "forward-mode" not in str(e):
+                raise
+            raise TypeError(
+                "fpx.UnrolledAdjoint supports reverse mode only (jax.grad, jax.vjp): its "
+                "checkpointed loop cannot be differentiated forwards. For jax.jvp, "
+                "jax.jacfwd or jax.hessian use adjoint=fpx.ImplicitAdjoint() (the default), "
+                "fpx.JFBAdjoint() or fpx.PhantomAdjoint()."
+            ) from None

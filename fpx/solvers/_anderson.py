@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from jaxtyping import PyTree, Scalar
 
+from .. import _validate as checks
 from .._misc import two_norm
 from ._safeguard import AbstractMemorySolver
 
@@ -72,6 +73,13 @@ class Anderson(AbstractMemorySolver):
     rtol: float = 1e-5
     atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = two_norm
+
+    def __check_init__(self):
+        if self.regularization is not None:
+            checks.real(
+                "Anderson", "regularization", self.regularization, low=0,
+                hint=" It is the ridge relative to the residual differences (default: 10 machine epsilons).",
+            )
 
     def _new_pair(self, state, dz, dg):
         return dz, dg, jnp.array(True)

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Bool, PyTree, Scalar
 
+from .. import _validate as checks
 from .._solution import RESULTS
 
 State = TypeVar("State")
@@ -17,8 +19,15 @@ Fn = Callable[[PyTree, Any], PyTree]
 
 
 def _check_tolerance(cls: str, name: str, value) -> None:
-    if isinstance(value, (int, float)) and not value >= 0:
-        raise ValueError(f"`{name}` must be a non-negative number, got {cls}({name}={value!r}).")
+    checks.real(
+        cls,
+        name,
+        value,
+        low=0,
+        label=f"`{name}`",
+        context=f" in {cls}({name}={value!r})",
+        hint=" Tolerances must be finite: an infinite one accepts any iterate.",
+    )
 
 
 def is_positive_int(value) -> bool:
@@ -26,11 +35,10 @@ def is_positive_int(value) -> bool:
 
 
 def _check_unit_interval(cls: str, name: str, value) -> None:
-    if isinstance(value, (int, float)) and not (0 < value <= 1):
-        raise ValueError(
-            f"`{cls}({name}=...)` must lie in (0, 1], got {name}={value!r}. "
-            f"{name}=1 is the plain Picard step, smaller values damp it."
-        )
+    checks.real(
+        cls, name, value, low=0, high=1, low_open=True,
+        hint=f" {name}=1 is the plain Picard step, smaller values damp it.",
+    )
 
 
 class AbstractFixedPointSolver(eqx.Module, Generic[State]):
@@ -61,6 +69,7 @@ class AbstractFixedPointSolver(eqx.Module, Generic[State]):
     def __check_init__(self):
         _check_tolerance(type(self).__name__, "rtol", self.rtol)
         _check_tolerance(type(self).__name__, "atol", self.atol)
+        checks.function(type(self).__name__, "norm", self.norm, what="a function of a pytree, e.g. fpx.two_norm")
 
     @abc.abstractmethod
     def init(self, fn: Fn, z0: PyTree, fz0: PyTree, args: Any) -> State:
@@ -73,8 +82,9 @@ class AbstractFixedPointSolver(eqx.Module, Generic[State]):
     def terminate(
         self, z: PyTree, fz: PyTree, residual_norm: Scalar, state: State
     ) -> tuple[Bool[Array, ""], RESULTS]:
-        """Stopping test; the default is `residual_norm <= atol + rtol * norm(z)`."""
-        converged = residual_norm <= self.atol + self.rtol * self.norm(z)
+        """Stopping test; the default is `residual_norm <= atol + rtol * norm(z)` with a finite tolerance."""
+        tol = self.atol + self.rtol * self.norm(z)
+        converged = (residual_norm <= tol) & jnp.isfinite(tol)
         return converged, RESULTS.successful
 
     def stats(self, state: State) -> dict[str, Any]:

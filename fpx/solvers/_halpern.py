@@ -8,6 +8,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
+from .. import _validate as checks
 from .._misc import tree_lerp, two_norm
 from ._base import AbstractFixedPointSolver
 
@@ -48,11 +49,10 @@ class Halpern(AbstractFixedPointSolver[_HalpernState]):
     norm: Callable[[PyTree], Scalar] = two_norm
 
     def __check_init__(self):
-        rho = self.contraction
-        if rho is not None and isinstance(rho, (int, float)) and not (0 <= rho <= 1):
-            raise ValueError(
-                f"`Halpern(contraction=...)` is the Lipschitz constant of T and must lie in "
-                f"[0, 1], got {rho!r}. Use contraction=None for a merely nonexpansive T."
+        if self.contraction is not None:
+            checks.real(
+                "Halpern", "contraction", self.contraction, low=0, high=1,
+                hint=" It is the Lipschitz constant of T; use contraction=None for a merely nonexpansive T.",
             )
 
     def init(self, fn, z0, fz0, args):

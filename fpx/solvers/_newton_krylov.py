@@ -8,15 +8,18 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int, PyTree, Scalar
+from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
+from .. import _validate as checks
 from .._misc import ravel, two_norm
-from ._base import AbstractFixedPointSolver, is_positive_int
+from .._solution import RESULTS
+from ._base import AbstractFixedPointSolver
 from ._gmres import gmres
 
 
 class _NKState(eqx.Module):
     eta: Scalar
+    stalled: Bool[Array, ""]
     num_fn_evals: Int[Array, ""]
     num_jvps: Int[Array, ""]
     num_backtracks: Int[Array, ""]
@@ -54,28 +57,28 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
     fn_evals_per_step: ClassVar[int | None] = None
 
     def __check_init__(self):
-        if not (isinstance(self.eta_max, (int, float)) and 0 < self.eta_max < 1):
-            raise ValueError(f"`NewtonKrylov(eta_max=...)` must lie in (0, 1), got {self.eta_max!r}.")
-        for name in ("restart", "max_restarts"):
-            value = getattr(self, name)
-            if not is_positive_int(value):
-                raise ValueError(f"`NewtonKrylov({name}=...)` must be a positive integer, got {value!r}.")
-        if not isinstance(self.max_backtracks, int) or self.max_backtracks < 0:
-            raise ValueError(
-                f"`NewtonKrylov(max_backtracks=...)` must be a non-negative integer, got {self.max_backtracks!r}."
-            )
+        checks.real("NewtonKrylov", "eta_max", self.eta_max, low=0, high=1, low_open=True, high_open=True)
+        checks.integer("NewtonKrylov", "restart", self.restart, minimum=1, maximum=10_000)
+        checks.integer("NewtonKrylov", "max_restarts", self.max_restarts, minimum=1, maximum=10_000)
+        checks.integer("NewtonKrylov", "max_backtracks", self.max_backtracks, minimum=0, maximum=1000)
 
     def init(self, fn, z0, fz0, args):
         zf, _ = ravel(z0)
         one = jnp.array(1, jnp.int32)
         zero = jnp.array(0, jnp.int32)
-        return _NKState(eta=jnp.asarray(self.eta_max, zf.dtype), num_fn_evals=one, num_jvps=zero, num_backtracks=zero)
+        return _NKState(
+            eta=jnp.asarray(self.eta_max, zf.dtype),
+            stalled=jnp.array(False),
+            num_fn_evals=one,
+            num_jvps=zero,
+            num_backtracks=zero,
+        )
 
     def step(self, fn, z, fz, args, state):
         zf, unravel = ravel(z)
         fzf, _ = ravel(fz)
         residual = zf - fzf
-        res_norm = jnp.linalg.norm(residual)
+        res_norm = self._norm(unravel, residual)
 
         def t_flat(x):
             return ravel(fn(unravel(x), args))[0]
@@ -84,7 +87,8 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
         solve = gmres(
             lambda v: v - t_lin(v),
             -residual,
-            state.eta * res_norm,
+            # GMRES works in the Euclidean norm whatever `norm` the stopping test uses.
+            state.eta * jnp.linalg.norm(residual),
             restart=self.restart,
             max_restarts=self.max_restarts,
         )
@@ -94,7 +98,7 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
         def trial(t):
             z_try = zf + t * direction
             fz_try = fn(unravel(z_try), args)
-            return z_try, fz_try, jnp.linalg.norm(z_try - ravel(fz_try)[0])
+            return z_try, fz_try, self._norm(unravel, z_try - ravel(fz_try)[0])
 
         def cond(carry):
             t, _, _, r_try, k = carry
@@ -115,16 +119,29 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
         eta = gamma * (r_new / jnp.where(res_norm == 0, 1.0, res_norm)) ** alpha
         floor = gamma * state.eta**alpha
         eta = jnp.where(floor > 0.1, jnp.maximum(eta, floor), eta)
-        tol = self.atol + self.rtol * jnp.linalg.norm(z_new)
+        tol = self.atol + self.rtol * self._norm(unravel, z_new)
         eta = jnp.maximum(eta, 0.5 * tol / jnp.where(r_new == 0, 1.0, r_new))
         eta = jnp.clip(jnp.where(jnp.isfinite(eta), eta, self.eta_max), 0.0, self.eta_max)
+        # The full line search found no decrease at all: the Newton direction is useless
+        # (GMRES failed, or I - T' is singular here) and repeating it cannot help.
+        stalled = (num_backtracks >= self.max_backtracks) & ~(r_new < res_norm) & (res_norm > 0)
         new_state = _NKState(
             eta=eta.astype(state.eta.dtype),
+            stalled=stalled,
             num_fn_evals=state.num_fn_evals + 2 + num_backtracks,
             num_jvps=state.num_jvps + solve.num_matvecs,
             num_backtracks=state.num_backtracks + num_backtracks,
         )
         return unravel(z_new), fz_new, new_state
+
+    def _norm(self, unravel, flat):
+        return jnp.asarray(self.norm(unravel(flat))).astype(flat.dtype)
+
+    def terminate(self, z, fz, residual_norm, state):
+        converged, _ = super().terminate(z, fz, residual_norm, state)
+        # Stop on breakdown only where the iterate is not already good enough.
+        broken = state.stalled & ~converged
+        return converged | broken, RESULTS.where(broken, RESULTS.breakdown, RESULTS.successful)
 
     def stats(self, state):
         return {

@@ -17,8 +17,9 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
+from .. import _validate as checks
 from .._misc import ravel
-from ._base import AbstractFixedPointSolver, _check_unit_interval, is_positive_int
+from ._base import AbstractFixedPointSolver, _check_unit_interval
 
 
 class MemoryState(eqx.Module):
@@ -40,16 +41,13 @@ class AbstractMemorySolver(AbstractFixedPointSolver[MemoryState]):
     fn_evals_per_step: ClassVar[int | None] = 1
 
     def __check_init__(self):
-        if not is_positive_int(self.memory):
-            raise ValueError(
-                f"`{type(self).__name__}(memory=...)` must be a positive integer, got {self.memory!r}."
-            )
-        _check_unit_interval(type(self).__name__, "beta", self.beta)
-        if self.safeguard is not None and not (isinstance(self.safeguard, (int, float)) and self.safeguard >= 1):
-            raise ValueError(
-                f"`{type(self).__name__}(safeguard=...)` is the residual growth a memory step may "
-                f"cause before it is rejected; it must be a number >= 1 or None (no safeguard), "
-                f"got {self.safeguard!r}."
+        name = type(self).__name__
+        checks.integer(name, "memory", self.memory, minimum=1, maximum=1024)
+        _check_unit_interval(name, "beta", self.beta)
+        if self.safeguard is not None:
+            checks.real(
+                name, "safeguard", self.safeguard, low=1,
+                hint=" It is the residual growth a memory step may cause before it is rejected: a number >= 1 or None (no safeguard).",
             )
 
     def init(self, fn, z0, fz0, args):
@@ -82,7 +80,8 @@ class AbstractMemorySolver(AbstractFixedPointSolver[MemoryState]):
         zf, unravel = ravel(z)
         fzf, _ = ravel(fz)
         g = fzf - zf
-        r = jnp.linalg.norm(g)
+        # The driver's norm, so the safeguard judges steps by the same measure as the test.
+        r = jnp.asarray(self.norm(unravel(g))).astype(g.dtype)
         if self.safeguard is None:
             accept = jnp.array(True)
         else:
