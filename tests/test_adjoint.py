@@ -195,6 +195,70 @@ def test_unrolled_adjoint_matches_implicit():
     assert _rel_err(g_unr, jax.grad(loss_unrolled)(params, x)) <= 1e-8
 
 
+# T1 (DESIGN §9) with the matrix and offset as parameters: T(z; M, b) = M z + b,
+# M = [[.5, .25], [.25, .5]], b = (1, 1), z* = (4, 4). For L = w . z*, w = (1, 2):
+# dL/db = u = (I - M)^{-T} w = (16, 20)/3 and dL/dM = u z*^T = [[64, 64], [80, 80]]/3.
+M_T1 = jnp.array([[0.5, 0.25], [0.25, 0.5]])
+W_T1 = jnp.array([1.0, 2.0])
+GRAD_B_T1 = np.array([16.0, 20.0]) / 3.0
+GRAD_M_T1 = np.array([[64.0, 64.0], [80.0, 80.0]]) / 3.0
+
+
+def _t1_loss(m, b, adjoint):
+    sol = fpx.fixed_point(
+        lambda z, mb: mb[0] @ z + mb[1], jnp.zeros(2), (m, b), solver=fpx.Picard(rtol=0.0, atol=1e-14),
+        adjoint=adjoint, max_steps=500,
+    )
+    return W_T1 @ sol.value, sol.stats["num_steps"]
+
+
+def _unrolled_t1_gradient(m, b, steps):
+    """Reverse mode through `steps` Picard steps from 0, by hand: z_{i+1} = M z_i + b."""
+    m, b, w = np.asarray(m), np.asarray(b), np.asarray(W_T1)
+    zs = [np.zeros(2)]
+    for _ in range(steps):
+        zs.append(m @ zs[-1] + b)
+    lam, g_m, g_b = w.copy(), np.zeros((2, 2)), np.zeros(2)
+    for i in reversed(range(steps)):
+        g_m += np.outer(lam, zs[i])
+        g_b += lam
+        lam = m.T @ lam
+    return g_m, g_b
+
+
+def test_unrolled_adjoint_checkpoints_give_the_closed_form_gradient():
+    grads = {}
+    for k in (1, 3, None):
+        adjoint = fpx.UnrolledAdjoint(checkpoints=k)
+        (g_m, g_b), steps = jax.grad(_t1_loss, argnums=(0, 1), has_aux=True)(M_T1, jnp.ones(2), adjoint)
+        steps = int(steps)
+        # Picard's residual sqrt(2) 0.75^k first falls below 1e-14 at k = 114.
+        assert steps == 114
+        # It is the gradient of the 114 iterations the solver took ...
+        ref_m, ref_b = _unrolled_t1_gradient(M_T1, jnp.ones(2), steps)
+        np.testing.assert_allclose(g_m, ref_m, rtol=1e-13)
+        np.testing.assert_allclose(g_b, ref_b, rtol=1e-13)
+        # ... which is the implicit gradient up to the truncation after 114 steps (5e-12, relative 2e-13).
+        np.testing.assert_allclose(g_m, GRAD_M_T1, rtol=1e-12)
+        np.testing.assert_allclose(g_b, GRAD_B_T1, rtol=1e-13)
+        grads[k] = (np.asarray(g_m), np.asarray(g_b))
+    # Checkpointing changes what is stored and recomputed, not the arithmetic.
+    for k in (1, 3):
+        np.testing.assert_allclose(grads[k][0], grads[None][0], rtol=1e-15, atol=0)
+        np.testing.assert_allclose(grads[k][1], grads[None][1], rtol=1e-15, atol=0)
+    (g_m, g_b), _ = jax.grad(_t1_loss, argnums=(0, 1), has_aux=True)(M_T1, jnp.ones(2), fpx.ImplicitAdjoint())
+    np.testing.assert_allclose(g_m, GRAD_M_T1, rtol=1e-12)
+    np.testing.assert_allclose(g_b, GRAD_B_T1, rtol=1e-12)
+
+
+def test_unrolled_adjoint_with_two_checkpoints_matches_implicit_on_the_deq_cell():
+    params, x = _problem()
+    solver = fpx.Picard(**TIGHT)
+    g_unr = jax.grad(loss_implicit)(params, x, solver, fpx.UnrolledAdjoint(checkpoints=2))
+    g_imp = jax.grad(loss_implicit)(params, x, solver)
+    assert _rel_err(g_unr, g_imp) <= 1e-10
+
+
 def test_unrolled_adjoint_differentiates_what_the_solver_did():
     # Stopped after 3 Picard steps, the unrolled gradient is that of 3 unrolled steps
     # (and not the implicit gradient of the true fixed point).

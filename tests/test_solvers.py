@@ -169,6 +169,83 @@ def test_t1_every_solver_converges_tightly(solver, expected_steps):
 
 
 # ----------------------------------------------------------------------------------------
+# T1 with a non-default `norm`: the stopping test, the residual trace and the reported
+# residual are all in the solver's norm.
+# ----------------------------------------------------------------------------------------
+
+# The residual z_k - T z_k = -0.75^k (1, 1) (Picard), -0.875^k (1, 1) (KM(1/2)). Its norm is
+# c 0.75^k with c = |(1, 1)| in the chosen norm: sqrt(2) (two), 1 (max), 1 (rms).
+NORM_OF_ONES = {"two_norm": SQRT2, "max_norm": 1.0, "rms_norm": 1.0}
+NORMS = [fpx.two_norm, fpx.max_norm, fpx.rms_norm]
+
+
+def _first_step_below(c, lam, tol):
+    """First k with c lam^k <= tol."""
+    return math.ceil(math.log(tol / c) / math.log(lam))
+
+
+@pytest.mark.parametrize(
+    ("norm", "picard_steps", "km_steps"),
+    [(fpx.two_norm, 82, 176), (fpx.max_norm, 81, 173), (fpx.rms_norm, 81, 173)],
+    ids=["two", "max", "rms"],
+)
+def test_t1_atol_test_uses_the_solver_norm(norm, picard_steps, km_steps):
+    c = NORM_OF_ONES[norm.__name__]
+    for solver, lam, expected in [
+        (fpx.Picard(rtol=0.0, atol=1e-10, norm=norm), LAM, picard_steps),
+        (fpx.KM(0.5, rtol=0.0, atol=1e-10, norm=norm), 0.875, km_steps),
+    ]:
+        assert expected == _first_step_below(c, lam, 1e-10)
+        sol = _t1_solve(solver, max_steps=500, trace_length=200)
+        assert _converged(sol)
+        assert int(sol.stats["num_steps"]) == expected
+        k = np.arange(expected + 1)
+        tr = _trace(sol)
+        _close(tr[: expected + 1], c * lam**k, rel=1e-12, abs_=1e-15)
+        assert np.all(np.isnan(tr[expected + 1 :]))
+        _close(sol.stats["residual_norm"], c * lam**expected, rel=1e-12, abs_=1e-15)
+        # one step earlier the test was not met: c lam^(k-1) > 1e-10
+        assert c * lam ** (expected - 1) > 1e-10
+
+
+def test_max_norm_stops_earlier_by_log_sqrt_n_steps_in_dimension_64():
+    # T z = 0.75 z + 1 on R^64 from 0: residual 0.75^k (1, ..., 1), of two-norm 8 * 0.75^k and
+    # max-norm 0.75^k. The first k below 1e-10: 88 in the two-norm, 81 in the max-norm.
+    n = 64
+    steps = {}
+    for norm in (fpx.two_norm, fpx.max_norm):
+        sol = fpx.fixed_point(
+            lambda z, _: 0.75 * z + 1.0,
+            jnp.zeros(n),
+            solver=fpx.Picard(rtol=0.0, atol=1e-10, norm=norm),
+            max_steps=500,
+            throw=False,
+        )
+        assert _converged(sol)
+        steps[norm.__name__] = int(sol.stats["num_steps"])
+    assert steps == {"two_norm": 88, "max_norm": 81}
+    assert steps["two_norm"] == _first_step_below(8.0, 0.75, 1e-10)
+    assert steps["max_norm"] == _first_step_below(1.0, 0.75, 1e-10)
+
+
+@pytest.mark.parametrize("norm", NORMS, ids=["two", "max", "rms"])
+def test_t1_rtol_test_uses_the_same_norm_for_residual_and_iterate(norm):
+    # Pure relative test |z_k - T z_k| <= rtol |z_k|, z_k = 4 (1 - 0.75^k) (1, 1): the factor
+    # |(1, 1)| cancels, so every norm stops at the first k with 0.75^k <= 4e-10 (1 - 0.75^k),
+    # k = 76. A driver that measured |z| in another norm than the residual would not: with
+    # the max-norm residual over the two-norm |z| it would stop at k = 75.
+    def first(ratio):
+        return next(k for k in range(1, 500) if LAM**k <= ratio * 1e-10 * 4.0 * (1.0 - LAM**k))
+
+    assert first(1.0) == 76 and first(SQRT2) == 75
+    sol = _t1_solve(fpx.Picard(rtol=1e-10, atol=0.0, norm=norm), max_steps=500)
+    assert _converged(sol)
+    assert int(sol.stats["num_steps"]) == 76
+    c = NORM_OF_ONES[norm.__name__]
+    _close(sol.stats["residual_norm"], c * LAM**76, rel=1e-12, abs_=1e-15)
+
+
+# ----------------------------------------------------------------------------------------
 # T2: rotation by 90 degrees (nonexpansive, z* = 0)
 # ----------------------------------------------------------------------------------------
 
@@ -376,10 +453,14 @@ def test_t4_picard_fails_where_anderson_succeeds():
     fn, _ = _t4(1.5)
     sol = fpx.fixed_point(fn, jnp.zeros(N4), solver=fpx.Picard(), max_steps=60, throw=False, trace_length=61)
     assert not _converged(sol)
-    assert sol.result == fpx.RESULTS.max_steps_reached
-    # Picard residual is exactly 1.5^k (z_k = sum_{j<k} 1.5^j e_{j+1}, residual -1.5^k e_{k+1}).
-    k = np.arange(61)
-    _close(_trace(sol), 1.5**k, rel=1e-13, abs_=0.0)
+    # Picard residual is exactly 1.5^k (z_k = sum_{j<k} 1.5^j e_{j+1}, residual -1.5^k e_{k+1}),
+    # so it passes a millionfold growth (the divergence test) at k = 35.
+    assert sol.result == fpx.RESULTS.diverged
+    assert int(sol.stats["num_steps"]) == 35
+    k = np.arange(36)
+    tr = _trace(sol)
+    _close(tr[:36], 1.5**k, rel=1e-13, abs_=0.0)
+    assert np.all(np.isnan(tr[36:]))
     # the best iterate seen is z0, with residual 1
     assert float(sol.stats["residual_norm"]) == 1.0
     np.testing.assert_array_equal(np.asarray(sol.value), np.zeros(N4))
@@ -439,7 +520,9 @@ def test_t5_unsafeguarded_aa1_jumps_and_fails():
     )
     tr = _trace(sol)
     _close(tr[:3], [math.atan(10.0), math.atan(z1), abs(math.atan(z2))], rel=1e-12, abs_=0.0)
-    assert sol.result == fpx.RESULTS.max_steps_reached
+    # The residual never halves from arctan(10) while |z_k| runs off: reported as diverged.
+    assert sol.result == fpx.RESULTS.diverged
+    assert int(sol.stats["num_steps"]) == 30
     assert int(sol.stats["num_rejected"]) == 0
     # |z_k| -> infinity: the residual |arctan(z_k)| tends to pi/2
     assert np.all(tr[-5:] > 1.57)
@@ -583,9 +666,11 @@ def test_newton_krylov_converges_quadratically_on_contractive_tanh():
 def test_expansive_problem_picard_fails():
     sol = fpx.fixed_point(expansive, jnp.zeros(N_NL), solver=fpx.Picard(), max_steps=50, throw=False, trace_length=51)
     assert not _converged(sol)
-    assert sol.result == fpx.RESULTS.max_steps_reached
+    assert sol.result == fpx.RESULTS.diverged
     tr = _trace(sol)
-    assert tr[-1] > 1e10 * tr[0]  # the residual blows up geometrically
+    k = int(sol.stats["num_steps"])
+    # The residual blows up geometrically; the solve stops at the first millionfold growth.
+    assert tr[k] > 1e6 * tr[0] and np.all(tr[1:k] <= 1e6 * tr[0]) and k < 50
 
 
 @pytest.mark.parametrize(
@@ -607,6 +692,206 @@ def test_expansive_problem_accelerated_solvers_converge(solver, max_expected_ste
     assert np.linalg.norm(np.asarray(sol.value) - REF_EXPANSIVE) <= 1e-10 / 2.7 * 1.01
     if isinstance(solver, fpx.NewtonKrylov):
         assert int(sol.stats["num_jvps"]) > 0
+
+
+# ----------------------------------------------------------------------------------------
+# Restarted GMRES (the linear solver inside NewtonKrylov) with restarts actually taken
+# ----------------------------------------------------------------------------------------
+
+
+def _numpy_gmres(a, b, tol, restart, max_restarts):
+    """Textbook restarted GMRES(m) from x = 0: Arnoldi (Gram-Schmidt twice) and a least-squares
+    solve by `lstsq` after every inner step; stops inside a cycle as soon as the least-squares
+    residual is <= tol. Returns x, the residual estimate, the matvec count and the estimate
+    after every inner step."""
+    n = b.size
+    x, r, count, history = np.zeros(n), b.copy(), 0, []
+    res = np.linalg.norm(b)
+    for _ in range(max_restarts):
+        if res <= tol:
+            break
+        beta = np.linalg.norm(r)
+        v = np.zeros((n, restart + 1))
+        h = np.zeros((restart + 1, restart))
+        v[:, 0] = r / beta
+        for j in range(restart):
+            w = a @ v[:, j]
+            count += 1
+            for _pass in range(2):
+                coeffs = v[:, : j + 1].T @ w
+                h[: j + 1, j] += coeffs
+                w = w - v[:, : j + 1] @ coeffs
+            h[j + 1, j] = np.linalg.norm(w)
+            v[:, j + 1] = w / h[j + 1, j]
+            rhs = np.zeros(j + 2)
+            rhs[0] = beta
+            y = np.linalg.lstsq(h[: j + 2, : j + 1], rhs, rcond=None)[0]
+            res = np.linalg.norm(rhs - h[: j + 2, : j + 1] @ y)
+            history.append(res)
+            if res <= tol:
+                break
+        x = x + v[:, : j + 1] @ y
+        r = b - a @ x
+    return x, res, count, np.array(history)
+
+
+N_GM = 50
+_RNG_GM = np.random.default_rng(0)
+# Nonsymmetric, well conditioned: I + 0.3 G / sqrt(n), singular values in [0.63, 1.43].
+A_GM = np.eye(N_GM) + 0.3 * _RNG_GM.standard_normal((N_GM, N_GM)) / np.sqrt(N_GM)
+B_GM = _RNG_GM.standard_normal(N_GM)
+SHIFT_GM = np.roll(np.eye(N_GM), 1, axis=0)  # P e_i = e_{i+1}, P e_n = e_1
+
+
+def _fpx_gmres(a, b, tol, restart, max_restarts):
+    from fpx.solvers._gmres import gmres
+
+    aj = jnp.asarray(a)
+    out = gmres(lambda v: aj @ v, jnp.asarray(b), tol, restart=restart, max_restarts=max_restarts)
+    return np.asarray(out.x), float(out.residual_norm), int(out.num_matvecs)
+
+
+def test_gmres_with_restarts_reaches_the_tolerance():
+    sigma = np.linalg.svd(A_GM, compute_uv=False)
+    assert sigma[0] / sigma[-1] < 2.5 and not np.allclose(A_GM, A_GM.T)
+    tol = 1e-10 * np.linalg.norm(B_GM)
+    x, res, count = _fpx_gmres(A_GM, B_GM, tol, restart=5, max_restarts=50)
+    x_ref, res_ref, count_ref, history = _numpy_gmres(A_GM, B_GM, tol, 5, 50)
+    # Three full cycles of 5 and 4 steps of the fourth: restarts happened.
+    assert count == count_ref == 19 > 5
+    assert history[-2] > 1.05 * tol  # (the count is not decided by rounding)
+    assert res <= tol
+    true_res = np.linalg.norm(B_GM - A_GM @ x)
+    _close(res, true_res, rel=1e-5, abs_=0.0)  # the restart residual carried over, not recomputed
+    _close(res, res_ref, rel=1e-6, abs_=0.0)
+    # |x - x*| = |A^{-1} (A x - b)| <= |A^{-1}| |b - A x|
+    x_star = np.linalg.solve(A_GM, B_GM)
+    assert np.linalg.norm(x - x_star) <= true_res / sigma[-1] * (1 + 1e-6)
+    _close(x, x_ref, rel=0.0, abs_=1e-13)
+
+
+@pytest.mark.parametrize("cycles", [1, 2, 3])
+def test_gmres_cycle_by_cycle_matches_numpy(cycles):
+    # With tol = 0 every cycle runs its 5 steps; after each restart the residual is the one the
+    # textbook algorithm reaches, so the restart (r = V (beta e1 - H y), no extra matvec) is right.
+    x, res, count = _fpx_gmres(A_GM, B_GM, 0.0, restart=5, max_restarts=cycles)
+    x_ref, res_ref, count_ref, _ = _numpy_gmres(A_GM, B_GM, 0.0, 5, cycles)
+    assert count == count_ref == 5 * cycles
+    _close(res, res_ref, rel=1e-8, abs_=0.0)
+    _close(res, np.linalg.norm(B_GM - A_GM @ x), rel=1e-6, abs_=0.0)
+    _close(x, x_ref, rel=0.0, abs_=1e-13)
+
+
+def test_gmres_out_of_budget_reports_the_residual_it_reached():
+    # Two cycles of 5 cannot reach 1e-10 |b| (19 matvecs are needed, above): the reported
+    # residual is the true one, far above tol.
+    tol = 1e-10 * np.linalg.norm(B_GM)
+    x, res, count = _fpx_gmres(A_GM, B_GM, tol, restart=5, max_restarts=2)
+    _, res_ref, _, _ = _numpy_gmres(A_GM, B_GM, tol, 5, 2)
+    assert count == 10
+    assert res > 1e4 * tol
+    _close(res, np.linalg.norm(B_GM - A_GM @ x), rel=1e-8, abs_=0.0)
+    _close(res, res_ref, rel=1e-8, abs_=0.0)
+
+
+def test_gmres_stagnates_exactly_on_the_cyclic_shift():
+    # A = P, b = e1: A K_m(A, e1) = span(e2, ..., e_{m+1}) is orthogonal to e1 for m < n, so
+    # every GMRES(m) cycle returns x = 0 with residual exactly |e1| = 1: the budget is spent
+    # and the failure is reported as it is.
+    e1 = np.eye(N_GM)[0]
+    x, res, count = _fpx_gmres(SHIFT_GM, e1, 1e-8, restart=5, max_restarts=3)
+    assert count == 15
+    assert res == 1.0
+    np.testing.assert_array_equal(x, np.zeros(N_GM))
+
+
+@pytest.mark.parametrize(("c", "m"), [(0.5, 1), (0.5, 2), (0.5, 5), (0.9, 5)])
+def test_gmres_one_cycle_on_identity_minus_shift_is_exact(c, m):
+    # (I - c P) x = e1 over x in K_m = span(e1..e_m): the least-squares residual is
+    # min |y| subject to a.y = c^m, a = (c^m, -c^(m-1), ..., -c, 1), i.e.
+    # rho_m = (sum_{j<=m} c^(-2j))^(-1/2).
+    e1 = np.eye(N_GM)[0]
+    x, res, count = _fpx_gmres(np.eye(N_GM) - c * SHIFT_GM, e1, 0.0, restart=m, max_restarts=1)
+    rho = 1.0 / math.sqrt(sum(c ** (-2 * j) for j in range(m + 1)))
+    assert count == m
+    _close(res, rho, rel=1e-13, abs_=0.0)
+    assert np.all(x[m:] == 0.0)  # x lies in the Krylov space
+
+
+# ----------------------------------------------------------------------------------------
+# NewtonKrylov with a small GMRES restart
+# ----------------------------------------------------------------------------------------
+
+C_SHIFT = 0.5
+M_SHIFT = C_SHIFT * SHIFT_GM  # T z = c P z + e1 on R^50: I - T' = I - c P
+Z_SHIFT = np.linalg.solve(np.eye(N_GM) - M_SHIFT, np.eye(N_GM)[0])
+
+
+def _shift_map(z, _):
+    return jnp.asarray(M_SHIFT) @ z + jnp.asarray(np.eye(N_GM)[0])
+
+
+def test_newton_krylov_restarts_inside_one_newton_step():
+    # Linear T, z0 = 0: F(z0) = -e1 and the first Newton system is (I - cP) d = e1, solved by
+    # GMRES(5) to eta_max |F| = 1e-11. That takes 37 matvecs (7 full cycles, then 2 steps),
+    # exactly as in the textbook GMRES(5); the step is then exact to 1e-11: one Newton step.
+    solver = fpx.NewtonKrylov(rtol=0.0, atol=1e-10, eta_max=1e-11, restart=5, max_restarts=50)
+    sol = fpx.fixed_point(_shift_map, jnp.zeros(N_GM), solver=solver, max_steps=20, throw=False, trace_length=3)
+    _, res_ref, count_ref, history = _numpy_gmres(np.eye(N_GM) - M_SHIFT, np.eye(N_GM)[0], 1e-11, 5, 50)
+    assert count_ref == 37 and history[-2] > 1.2e-11
+    assert _converged(sol)
+    assert int(sol.stats["num_steps"]) == 1
+    assert int(sol.stats["num_jvps"]) == 37 > solver.restart
+    assert int(sol.stats["num_fn_evals"]) == 3
+    assert int(sol.stats["num_backtracks"]) == 0
+    # On a linear map |F(z1)| is the GMRES residual.
+    _close(_trace(sol)[1], res_ref, rel=1e-4, abs_=0.0)
+    # |z - z*| <= |(I - cP)^{-1}| |F| <= |F| / (1 - c)
+    assert np.max(np.abs(np.asarray(sol.value) - Z_SHIFT)) <= float(sol.stats["residual_norm"]) / (1 - C_SHIFT)
+
+
+def test_newton_krylov_one_gmres_cycle_per_step_is_restarted_gmres():
+    # With max_restarts=1 and a tight forcing term every Newton step is one GMRES(5) cycle from
+    # the current residual: on a linear map the Newton iterates are the restarted GMRES(5)
+    # iterates, and the first residual is rho_5 = (sum_{j<=5} 4^j)^(-1/2) = 1/sqrt(1365).
+    solver = fpx.NewtonKrylov(rtol=0.0, atol=1e-10, eta_max=1e-11, restart=5, max_restarts=1)
+    sol = fpx.fixed_point(_shift_map, jnp.zeros(N_GM), solver=solver, max_steps=20, throw=False, trace_length=21)
+    assert _converged(sol)
+    steps = int(sol.stats["num_steps"])
+    assert steps == 7
+    assert int(sol.stats["num_jvps"]) == 5 * steps
+    assert int(sol.stats["num_backtracks"]) == 0
+    tr = _trace(sol)
+    _close(tr[1], 1.0 / math.sqrt(1365.0), rel=1e-13, abs_=0.0)
+    cycles = []
+    for k in range(1, steps + 1):
+        _, res_k, _, _ = _numpy_gmres(np.eye(N_GM) - M_SHIFT, np.eye(N_GM)[0], 0.0, 5, k)
+        cycles.append(res_k)
+    _close(tr[1 : steps + 1], np.array(cycles), rel=1e-5, abs_=1e-15)
+    assert np.max(np.abs(np.asarray(sol.value) - Z_SHIFT)) <= float(sol.stats["residual_norm"]) / (1 - C_SHIFT)
+
+
+def test_newton_krylov_with_restart_2_on_contractive_tanh():
+    # 20 unknowns, GMRES(2): the inner solves must restart to meet the forcing term, and the
+    # solve still ends at the NumPy Newton reference.
+    solver = fpx.NewtonKrylov(rtol=0.0, atol=1e-10, restart=2, max_restarts=50)
+    sol = fpx.fixed_point(contractive, jnp.zeros(N_NL), solver=solver, max_steps=50, throw=False)
+    assert _converged(sol)
+    steps, jvps = int(sol.stats["num_steps"]), int(sol.stats["num_jvps"])
+    assert steps <= 10
+    assert jvps > solver.restart * steps  # some inner solve used more than one cycle
+    assert jvps <= solver.restart * solver.max_restarts * steps
+    residual = float(sol.stats["residual_norm"])
+    assert residual <= 1e-10
+    assert np.linalg.norm(np.asarray(sol.value) - REF_CONTRACTIVE) <= 10.0 * residual + 1e-13
+    # A budget of one cycle of 2 per step: every step spends at most 2 matvecs, and the
+    # iteration still converges (now linearly, in more steps).
+    tight = fpx.NewtonKrylov(rtol=0.0, atol=1e-10, restart=2, max_restarts=1)
+    sol1 = fpx.fixed_point(contractive, jnp.zeros(N_NL), solver=tight, max_steps=200, throw=False)
+    assert _converged(sol1)
+    assert int(sol1.stats["num_jvps"]) <= 2 * int(sol1.stats["num_steps"])
+    assert int(sol1.stats["num_steps"]) > steps
+    assert np.linalg.norm(np.asarray(sol1.value) - REF_CONTRACTIVE) <= 10.0 * float(sol1.stats["residual_norm"]) + 1e-13
 
 
 # ----------------------------------------------------------------------------------------
