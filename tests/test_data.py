@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -195,6 +196,21 @@ def test_burgers_nu_0_1_decays_to_one_mode():
 def test_burgers_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fpx.data.burgers(**kwargs, cache=False)
+
+
+def test_burgers_and_darcy_under_strict_dtype_promotion():
+    # Every mixed-dtype operation is cast explicitly: strict promotion gives the same arrays, bit for bit.
+    kw = dict(s=32, solve_s=64, steps=50, t_final=0.1, cache=False)
+    standard = fpx.data.burgers(2, **kw), fpx.data.darcy(2, s=9, cache=False)
+    u0_hat = grf1_periodic(np.random.default_rng(3), 2, 64, 2.5, 7.0, 49.0)
+    standard64 = _burgers._solve_chunks(u0_hat, 1e-3, 0.1, 50, 64, np.float64, False)
+    with jax.numpy_dtype_promotion("strict"):
+        strict = fpx.data.burgers(2, **kw), fpx.data.darcy(2, s=9, cache=False)
+        strict64 = _burgers._solve_chunks(u0_hat, 1e-3, 0.1, 50, 64, np.float64, False)
+    for a, b in zip(standard, strict, strict=True):
+        assert_same(a, b)
+    np.testing.assert_array_equal(standard64, strict64)
+    assert strict[0][1].dtype == np.float32 and strict64.dtype == np.float64
 
 
 # ---------------------------------------------------------------------------------------------

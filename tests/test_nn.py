@@ -59,12 +59,67 @@ def test_deq_warm_start_needs_fewer_steps():
     assert int(warm["num_steps"]) <= 0.7 * int(cold["num_steps"])
 
 
-def test_deq_without_init_state_asks_for_z0():
-    deq = fpx.nn.DEQ(lambda z, x: 0.5 * z + x)
-    with pytest.raises(ValueError, match=r"pass `z0=`"):
+class EqxCell(eqx.Module):
+    lin: eqx.nn.Linear
+
+    def __call__(self, z, x):
+        return jnp.tanh(0.5 * self.lin(z) + x)
+
+
+def test_deq_starts_from_zeros_when_the_state_has_the_shape_of_x():
+    # z = 0.5 z + x: the fixed point is 2x; no init_state, no z0.
+    z, stats = fpx.nn.DEQ(lambda z, x: 0.5 * z + x, solver=fpx.Picard(**TIGHT), max_steps=100)(jnp.array([1.0, -2.0, 3.0]))
+    np.testing.assert_allclose(z, [2.0, -4.0, 6.0], atol=1e-11)
+    assert bool(stats["converged"])
+    # The issue's cell tanh(0.5 lin(z) + x): the same solve as from z0 = zeros, step for step.
+    cell = EqxCell(eqx.nn.Linear(4, 4, key=jr.PRNGKey(0)))
+    deq = fpx.nn.DEQ(cell, solver=fpx.Anderson(**TIGHT), max_steps=200)
+    xs = jr.normal(jr.PRNGKey(1), (3, 4))
+    (z, stats), (z_ref, stats_ref) = jax.jit(
+        lambda xs: (jax.vmap(deq)(xs), jax.vmap(lambda x: deq(x, z0=jnp.zeros(4)))(xs))
+    )(xs)
+    np.testing.assert_array_equal(z, z_ref)
+    np.testing.assert_array_equal(stats["num_steps"], stats_ref["num_steps"])
+    assert bool(stats["converged"].all())
+    np.testing.assert_allclose(z, jax.vmap(cell)(z, xs), atol=1e-11)
+
+
+def test_deq_without_a_state_of_the_shape_of_x_asks_for_z0():
+    # The state has 2 entries, the input 3: zeros_like(x) does not fit, the error says why.
+    deq = fpx.nn.DEQ(lambda z, x: 0.5 * z + jnp.ones(2) * x.sum())
+    with pytest.raises(ValueError, match=r"pass `z0=`(.|\n)*zero state shaped like the input x: f64\[3\] does not fit: `cell\(zeros_like\(x\), x\)` raised"):
         deq(jnp.ones(3))
-    z, stats = deq(jnp.ones(3), z0=jnp.zeros(3))
-    np.testing.assert_allclose(z, 2.0, rtol=1e-4)
+    z, stats = deq(jnp.ones(3), z0=jnp.zeros(2))
+    np.testing.assert_allclose(z, 6.0, rtol=1e-4)
+    # Same shape, other dtype: float32 input, float64 weights.
+    cell = EqxCell(eqx.nn.Linear(4, 4, key=jr.PRNGKey(0)))
+    with pytest.raises(ValueError, match=r"pass `z0=`(.|\n)*f32\[4\] does not fit: `cell\(zeros_like\(x\), x\)` returns f64\[4\]"):
+        fpx.nn.DEQ(cell)(jnp.ones(4, jnp.float32))
+
+
+def test_deq_input_or_z0_of_the_wrong_size_is_a_clear_error():
+    cell = fpx.nn.ContractiveCell(jr.PRNGKey(0), state_size=8, input_size=3)
+    deq = fpx.nn.DEQ(cell)
+    with pytest.raises(ValueError, match=r"ContractiveCell\(state_size=8, input_size=3\).*an input `x` of shape \(3,\); got `z` of shape \(8,\), `x` of shape \(4,\)"):
+        deq(jnp.ones(4))
+    with pytest.raises(ValueError, match=r"a state `z` \(the DEQ's `z0`\) of shape \(8,\).*got `z` of shape \(5,\)"):
+        deq(jnp.ones(3), z0=jnp.zeros(5))
+    with pytest.raises(ValueError, match=r"an input `x` of shape \(3,\); got `z` of shape \(8,\), `x` of shape \(2, 3\)(.|\n)*jax.vmap"):
+        deq(jnp.ones((2, 3)))  # a batch without vmap
+    sub = fpx.nn.SubDEQCell(jr.PRNGKey(0), state_size=6, input_size=2)
+    with pytest.raises(ValueError, match=r"SubDEQCell\(state_size=6, input_size=2\).*`x` of shape \(5,\)"):
+        fpx.nn.DEQ(sub)(jnp.ones(5))
+    cgs = fpx.nn.CGSCell(jr.PRNGKey(0), feature_size=3, state_size=4)
+    with pytest.raises(ValueError, match=r"`features` of shape \(5, 3\).*got .*`features` of shape \(5, 2\)"):
+        fpx.nn.DEQ(cgs)((jnp.zeros((5, 5)), jnp.ones((5, 2)), jnp.ones(5)))
+    with pytest.raises(TypeError, match=r"\(adjacency, features, mask\).*length 2"):
+        fpx.nn.DEQ(cgs)((jnp.zeros((5, 5)), jnp.ones((5, 3))))
+    # A cell without shape checks of its own: the DEQ names z0's and x's shapes and the state that fits.
+    generic = fpx.nn.DEQ(EqxCell(eqx.nn.Linear(4, 4, key=jr.PRNGKey(0))))
+    with pytest.raises(ValueError, match=r"cannot be evaluated on the state `z0`: f64\[3\] and the input x: f64\[4\](.|\n)*dot_general(.|\n)*A state of x's shape, f64\[4\], fits"):
+        generic(jnp.ones(4), z0=jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"must return the state's structure(.|\n)*`z0`: f32\[4\](.|\n)*returns f64\[4\]"):
+        generic(jnp.ones(4), z0=jnp.zeros(4, jnp.float32))
 
 
 def test_deq_reports_nonconvergence_per_sample():
@@ -98,6 +153,19 @@ def test_nnx_deq_matches_unrolled_value_and_gradient():
     assert rel_err(nnx.state(g, nnx.Param), nnx.state(g_ref, nnx.Param)) <= 1e-6
 
 
+def test_nnx_deq_starts_from_zeros_and_checks_shapes():
+    model = fpx.nn.nnx.DEQ(NnxCell(6, nnx.Rngs(0)), solver=fpx.Anderson(**TIGHT), max_steps=200)
+    x = jnp.linspace(-1.0, 1.0, 6)
+    (z, stats), (z_ref, stats_ref) = nnx.jit(lambda m, x: (m(x), m(x, z0=jnp.zeros(6))))(model, x)
+    np.testing.assert_array_equal(z, z_ref)
+    assert bool(stats["converged"]) and int(stats["num_steps"]) == int(stats_ref["num_steps"])
+    np.testing.assert_allclose(z, model.cell(z, x), atol=1e-11)
+    with pytest.raises(ValueError, match=r"fpx.nn.nnx.DEQ needs a starting state: pass `z0=`(.|\n)*f64\[5\] does not fit"):
+        model(jnp.ones(5))
+    with pytest.raises(ValueError, match=r"fpx.nn.nnx.DEQ: NnxCell\(z, x\) cannot be evaluated on the state `z0`: f64\[4\](.|\n)*A state of x's shape, f64\[6\], fits"):
+        model(x, z0=jnp.zeros(4))
+
+
 def test_nnx_deq_trains_with_optax():
     model = fpx.nn.nnx.DEQ(NnxCell(4, nnx.Rngs(1)), solver=fpx.Anderson(rtol=1e-8, atol=0.0))
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
@@ -126,6 +194,25 @@ def test_contractive_cell_projection_keeps_contraction_during_training():
     np.testing.assert_array_equal(projected["head"], model["head"])
     with pytest.raises(ValueError, match=r"gamma"):
         fpx.nn.ContractiveCell(jr.PRNGKey(0), state_size=8, input_size=3, gamma=1.0)
+
+
+# The messages come from fpx._validate: they name the argument, say what is allowed and show the value.
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda k: fpx.nn.ContractiveCell(k, state_size=-1, input_size=3), ValueError, r"`ContractiveCell\(state_size=...\)` must be .*integer.*, got -1"),
+        (lambda k: fpx.nn.ContractiveCell(k, state_size=2.5, input_size=3), (TypeError, ValueError), r"`ContractiveCell\(state_size=...\)` must be .*integer.*, got 2.5"),
+        (lambda k: fpx.nn.ContractiveCell(k, state_size=4, input_size=0), ValueError, r"`ContractiveCell\(input_size=...\)` must be .*integer.*, got 0"),
+        (lambda k: fpx.nn.ContractiveCell(k, 4, 3, gamma="0.5"), TypeError, r"`ContractiveCell\(gamma=...\)` must be a real number.*, got '0.5'"),
+        (lambda k: fpx.nn.SubDEQCell(k, state_size=0, input_size=3), ValueError, r"`SubDEQCell\(state_size=...\)` must be .*integer.*, got 0"),
+        (lambda k: fpx.nn.SubDEQCell(k, state_size=3, input_size=1.5), (TypeError, ValueError), r"`SubDEQCell\(input_size=...\)` must be .*integer.*, got 1.5"),
+        (lambda k: fpx.nn.CGSCell(k, feature_size=3, state_size=4, hidden_size=-2), ValueError, r"`CGSCell\(hidden_size=...\)` must be .*integer.*, got -2"),
+        (lambda k: fpx.nn.CGSCell(k, feature_size=3, state_size=4, gamma=1.5), ValueError, r"`CGSCell\(gamma=...\)` must .*\(0, 1\), got 1.5"),
+    ],
+)
+def test_cell_sizes_are_checked(make, error, match):
+    with pytest.raises(error, match=match):
+        make(jr.PRNGKey(0))
 
 
 def _subdeq_converged(scale, normalize, seed):
@@ -183,8 +270,17 @@ def test_jacobian_regularizer_is_unbiased():
     exact = float(jnp.sum(jax.jacfwd(fn)(z, w) ** 2)) / 5
     estimate = float(fpx.nn.jacobian_regularizer(fn, z, w, jr.PRNGKey(1), num_samples=20_000))
     assert estimate == pytest.approx(exact, rel=0.03)
-    g = jax.grad(lambda w: fpx.nn.jacobian_regularizer(fn, z, w, jr.PRNGKey(1), num_samples=4))(w)
-    assert g.shape == w.shape and bool(jnp.all(jnp.isfinite(g)))
+    # With a fixed key the estimate is a smooth function of w: its gradient is the central
+    # difference, and (unbiased) the many-sample gradient is that of the exact |J|_F^2 / dim.
+    few = jax.jit(lambda w: fpx.nn.jacobian_regularizer(fn, z, w, jr.PRNGKey(1), num_samples=4))
+    g = jax.grad(few)(w)
+    v = jr.normal(jr.PRNGKey(2), w.shape)
+    eps = 1e-6
+    numeric = (float(few(w + eps * v)) - float(few(w - eps * v))) / (2 * eps)
+    assert float(jnp.sum(g * v)) == pytest.approx(numeric, rel=1e-7)
+    exact_grad = jax.grad(lambda w: jnp.sum(jax.jacfwd(fn)(z, w) ** 2) / 5)(w)
+    many = jax.grad(lambda w: fpx.nn.jacobian_regularizer(fn, z, w, jr.PRNGKey(1), num_samples=20_000))(w)
+    assert rel_err(many, exact_grad) < 0.05
 
 
 def test_jacobian_regularizer_lowers_solver_steps_when_trained():

@@ -56,9 +56,58 @@ def rel_err(a, b):
 # --------------------------------------------------------------------------- FNO
 
 
+def np_gelu(x):
+    """jax.nn.gelu's default (tanh) approximation."""
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def naive_spectral_conv(v, real, imag, modes):
+    """The spectral convolution of one channel-first sample by explicit DFT sums (no FFT).
+
+    `y(x) = (1/N) sum_k c_k Re(Y_k exp(2 pi i k.x / n))` over the retained frequencies `k`
+    (`-m..m-1` along every axis but the last, `0..m_d-1` along the last), `c_k = 1` if
+    the last component is 0 or the Nyquist frequency and 2 otherwise (its conjugate mode
+    counted too), `Y_k = sum_i W_ik X_ik`, `X_k = sum_x v(x) exp(-2 pi i k.x / n)`.
+    """
+    v = np.asarray(v, np.float64)
+    n, d = v.shape[1:], len(modes)
+    freqs = [np.concatenate([np.arange(m), np.arange(-m, 0)]) for m in modes[:-1]] + [np.arange(modes[-1])]
+    waves = [np.exp(-2j * np.pi * np.outer(k, np.arange(size)) / size) for k, size in zip(freqs, n)]  # (k, x)
+    letters = "abc"[:d]
+    upper = "ABC"[:d]
+    x_hat = np.einsum(f"i{letters}," + ",".join(f"{u}{a}" for u, a in zip(upper, letters)) + f"->i{upper}", v, *waves)
+    y_hat = np.einsum(f"i{upper},io{upper}->o{upper}", x_hat, np.asarray(real, np.float64) + 1j * np.asarray(imag, np.float64))
+    last = freqs[-1]
+    weight = np.where((last == 0) | (2 * last == n[-1]), 1.0, 2.0)
+    y_hat = y_hat * weight.reshape((1,) * d + (-1,))
+    y = np.einsum(f"o{upper}," + ",".join(f"{u}{a}" for u, a in zip(upper, letters)) + f"->o{letters}", y_hat, *[w.conj() for w in waves])
+    return y.real / math.prod(n)
+
+
+def naive_fno(p, x, modes, padding, grid):
+    """FNO.apply for one sample, in numpy float64 with `naive_spectral_conv` (the layers of the FNO docstring)."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
+    x = np.asarray(x, np.float64)
+    n = x.shape[:-1]
+    coords = [np.linspace(0.0, 1.0, k) if grid == "closed" else np.arange(k) / k for k in n]
+    x = np.concatenate([x, np.stack(np.meshgrid(*coords, indexing="ij"), axis=-1)], axis=-1)
+    v = np.moveaxis(x @ p["lift"]["weight"] + p["lift"]["bias"], -1, 0)
+    v = np.pad(v, [(0, 0)] + [(0, padding)] * len(n))
+    for i, layer in enumerate(p["layers"]):
+        spectral, pointwise = layer["spectral"], layer["pointwise"]
+        local = np.einsum("io,i...->o...", pointwise["weight"], v) + pointwise["bias"].reshape((-1,) + (1,) * len(n))
+        v = naive_spectral_conv(v, spectral["real"], spectral["imag"], modes) + local
+        if i < len(p["layers"]) - 1:
+            v = np_gelu(v)
+    v = np.moveaxis(v[(slice(None),) + tuple(slice(0, k) for k in n)], 0, -1)
+    (p1, p2) = p["projection"]
+    return np_gelu(v @ p1["weight"] + p1["bias"]) @ p2["weight"] + p2["bias"]
+
+
 @pytest.mark.parametrize("s", [16, 17])
 @pytest.mark.parametrize("padding", [0, 3])
-def test_fno_1d_shapes_odd_even_padding(s, padding):
+def test_fno_1d_values_odd_even_padding(s, padding):
+    # modes=5 keeps frequencies 0..4; with s + padding = 16 + 3 nothing hits a Nyquist bin, at 16 none is kept either.
     fno = ops.FNO(dim=1, modes=5, width=8, layers=2, in_channels=2, out_channels=3, padding=padding, projection_width=16)
     params = fno.init(jr.PRNGKey(0))
     x = normal(1, s, 2)
@@ -66,22 +115,58 @@ def test_fno_1d_shapes_odd_even_padding(s, padding):
     assert y.shape == (s, 3) and y.dtype == jnp.float64
     leaves = jax.tree_util.tree_leaves(params)
     assert all(leaf.dtype == jnp.float64 for leaf in leaves)
+    grid = "closed" if padding else "periodic"
+    np.testing.assert_allclose(y, naive_fno(params, x, (5,), padding, grid), rtol=1e-12, atol=1e-12)
+
+
+def test_naive_spectral_conv_is_the_convolution_theorem():
+    # The reference itself, against a closed form: keeping every frequency of an odd s, a
+    # single channel with weight w_k = exp(-2 pi i k t / s) shifts the signal by t points.
+    s, t = 9, 2
+    w = np.exp(-2j * np.pi * np.arange(5) * t / s).reshape(1, 1, 5)
+    v = np.random.default_rng(0).standard_normal((1, s))
+    np.testing.assert_allclose(naive_spectral_conv(v, w.real, w.imag, (5,)), np.roll(v, t, axis=1), atol=1e-12)
+
+
+@pytest.mark.parametrize("dim, shape, modes", [(1, (16, 2), (9,)), (2, (8, 10, 2), (4, 6)), (3, (4, 3, 6, 2), (2, 1, 4))])
+def test_spectral_conv_matches_naive_dft_including_nyquist_bins(dim, shape, modes):
+    # Every case keeps a Nyquist frequency: the last axis at s//2 (even s), and 2m = s along axis 0.
+    conv = ops.SpectralConv(dim=dim, modes=modes, in_channels=2, out_channels=3)
+    params = conv.init(jr.PRNGKey(dim))
+    x = normal(dim, *shape)
+    y = jax.jit(conv.apply)(params, x)
+    expected = np.moveaxis(naive_spectral_conv(np.moveaxis(np.asarray(x), -1, 0), params["real"], params["imag"], modes), 0, -1)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("shape, padding", [((12, 12, 1), 0), ((11, 10, 2), 2)])
-def test_fno_2d_shapes(shape, padding):
+def test_fno_2d_values(shape, padding):
     fno = ops.FNO(dim=2, modes=(3, 4), width=6, layers=2, in_channels=shape[-1], out_channels=2, padding=padding, projection_width=8)
     params = fno.init(jr.PRNGKey(0))
     assert params["layers"][0]["spectral"]["real"].shape == (6, 6, 6, 4)  # (in, out, 2*m1, m2)
-    y = jax.jit(fno.apply)(params, normal(1, *shape))
+    x = normal(1, *shape)
+    y = jax.jit(fno.apply)(params, x)
     assert y.shape == shape[:-1] + (2,)
+    grid = "closed" if padding else "periodic"
+    np.testing.assert_allclose(y, naive_fno(params, x, (3, 4), padding, grid), rtol=1e-12, atol=1e-12)
 
 
-def test_fno_3d_and_float32():
-    fno = ops.FNO(dim=3, modes=2, width=4, layers=1, projection_width=4, dtype=jnp.float32)
+def test_fno_3d_values_float64_and_float32():
+    # 3-D: three FFT axes, each layout of the kept block (negative frequencies along axes 0, 1).
+    fno = ops.FNO(dim=3, modes=(2, 2, 2), width=4, layers=2, projection_width=4, padding=1)
     params = fno.init(jr.PRNGKey(0))
-    y = jax.jit(fno.apply)(params, jnp.ones((6, 5, 4, 1), jnp.float32))
-    assert y.shape == (6, 5, 4, 1) and y.dtype == jnp.float32
+    assert params["layers"][0]["spectral"]["real"].shape == (4, 4, 4, 4, 2)
+    x = normal(1, 6, 5, 4, 1)
+    y = jax.jit(fno.apply)(params, x)
+    assert y.shape == (6, 5, 4, 1)
+    np.testing.assert_allclose(y, naive_fno(params, x, (2, 2, 2), 1, "closed"), rtol=1e-12, atol=1e-12)
+
+    fno32 = ops.FNO(dim=3, modes=2, width=4, layers=1, projection_width=4, dtype=jnp.float32)
+    p32 = fno32.init(jr.PRNGKey(0))
+    x32 = np.asarray(normal(2, 6, 5, 4, 1), np.float32)
+    y32 = jax.jit(fno32.apply)(p32, jnp.asarray(x32))
+    assert y32.shape == (6, 5, 4, 1) and y32.dtype == jnp.float32
+    np.testing.assert_allclose(y32, naive_fno(p32, x32, (2, 2, 2), 0, "periodic"), rtol=1e-5, atol=1e-5)
 
 
 def reference_fno(p, x, modes, dim, padding):
@@ -204,6 +289,32 @@ def test_fno_errors_are_clear():
         jax.eval_shape(fno2.apply, p2, jnp.ones((7, 8, 1)))
     padded = ops.FNO(dim=1, modes=9, width=4, layers=1, padding=2, projection_width=4)
     jax.eval_shape(padded.apply, padded.init(jr.PRNGKey(0)), jnp.ones((14, 1)))  # 14 + 2 padded points suffice
+
+
+def test_params_of_another_configuration_name_the_leaf():
+    small = dict(width=4, projection_width=4)
+    p8 = ops.FNO(dim=1, modes=8, layers=2, **small).init(jr.PRNGKey(0))
+    x = jnp.ones((16, 1))
+    with pytest.raises(ValueError, match=r"modes=\(6,\)(.|\n)*params\['layers'\]\[0\]\['spectral'\]\['imag'\] has shape \(4, 4, 8\) but this operator expects \(4, 4, 6\)"):
+        jax.eval_shape(ops.FNO(dim=1, modes=6, layers=2, **small).apply, p8, x)
+    two_channels = ops.FNO(dim=1, modes=8, layers=2, in_channels=2, **small)
+    with pytest.raises(ValueError, match=r"params\['lift'\]\['weight'\] has shape \(2, 4\) but this operator expects \(3, 4\)"):
+        jax.eval_shape(two_channels.apply, p8, jnp.ones((16, 2)))
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[1\]\['pointwise'\]\['bias'\] \(shape \(4,\)\) is not a parameter"):
+        jax.eval_shape(ops.FNO(dim=1, modes=8, layers=1, **small).apply, p8, x)
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[2\]\['spectral'\]\['real'\] is missing \(expected shape \(4, 4, 8\)\)"):
+        jax.eval_shape(ops.FNO(dim=1, modes=8, layers=3, **small).apply, p8, x)
+    # Lists and tuples are interchangeable, the operator's own params pass.
+    as_tuple = {**p8, "layers": tuple(p8["layers"])}
+    assert jax.eval_shape(ops.FNO(dim=1, modes=8, layers=2, **small).apply, as_tuple, x).shape == (16, 1)
+    conv = ops.SpectralConv(dim=2, modes=3, in_channels=1, out_channels=2)
+    other = ops.SpectralConv(dim=2, modes=(3, 4), in_channels=1, out_channels=2).init(jr.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"params\['real'\] has shape \(1, 2, 6, 4\) but this operator expects \(1, 2, 6, 3\)"):
+        jax.eval_shape(conv.apply, other, jnp.ones((8, 8, 1)))
+    block = ops.FNOBlock(dim=1, modes=4, width=6)
+    wide = ops.FNOBlock(dim=1, modes=4, width=8).init(jr.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"width=6(.|\n)*params\['pointwise'\]\['weight'\] has shape \(8, 8\) but this operator expects \(6, 6\)"):
+        jax.eval_shape(block.apply, wide, jnp.ones((16, 6)), jnp.ones((16, 6)))
 
 
 def test_complex_parameters_are_refused():

@@ -11,7 +11,25 @@ import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .. import _validate
+from .._layers import normalized_adjacency as normalized_adjacency
 from ..feasibility import project_spectral_norm_ball
+
+
+class CellShapeError(ValueError):
+    """A state or input of the wrong shape for a cell; the message names both and the expected shapes."""
+
+
+def _check_shapes(owner: str, expected: dict[str, tuple[int, ...]], got: dict, hint: str = "") -> None:
+    """Trace-time check of the arguments' shapes (`expected` maps a description to a shape)."""
+    shapes = {name: tuple(jnp.shape(value)) for name, value in got.items()}
+    if any(shapes[name] != shape for name, shape in zip(shapes, expected.values())):
+        wanted = ", ".join(f"{what} of shape {shape}" for what, shape in expected.items())
+        found = ", ".join(f"`{name}` of shape {shape}" for name, shape in shapes.items())
+        raise CellShapeError(f"{owner} takes one sample: {wanted}; got {found}.{hint}")
+
+
+_VMAP_HINT = " For a batch, vmap the layer: `jax.vmap(fpx.nn.DEQ(cell))(xs)`."
 
 
 class ContractiveCell(eqx.Module):
@@ -37,8 +55,12 @@ class ContractiveCell(eqx.Module):
     gamma: float = eqx.field(static=True)
 
     def __init__(self, key: PRNGKeyArray, state_size: int, input_size: int, gamma: float = 0.9, dtype=None):
-        if not 0 < gamma < 1:
-            raise ValueError(f"`gamma` is the contraction factor and must lie in (0, 1), got {gamma!r}.")
+        state_size = _validate.integer("ContractiveCell", "state_size", state_size)
+        input_size = _validate.integer("ContractiveCell", "input_size", input_size)
+        _validate.real(
+            "ContractiveCell", "gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True,
+            hint=" It is the contraction factor: |W|_2 <= gamma < 1.",
+        )
         dtype = dtype or jnp.result_type(float)
         kw, ku = jr.split(key)
         w = jr.normal(kw, (state_size, state_size), dtype) / math.sqrt(state_size)
@@ -48,6 +70,13 @@ class ContractiveCell(eqx.Module):
         self.gamma = gamma
 
     def __call__(self, z, x):
+        d, n = self.input_weight.shape
+        _check_shapes(
+            f"ContractiveCell(state_size={d}, input_size={n})",
+            {"a state `z` (the DEQ's `z0`)": (d,), "an input `x`": (n,)},
+            {"z": z, "x": x},
+            _VMAP_HINT,
+        )
         return jnp.tanh(self.weight @ z + self.input_weight @ x + self.bias)
 
     def init_state(self, x):
@@ -94,8 +123,10 @@ class SubDEQCell(eqx.Module):
         normalize: str | None = "max",
         dtype=None,
     ):
-        if shift <= 1:
-            raise ValueError(f"`shift` must exceed 1 so that tanh(Wz) + shift > 0, got {shift!r}.")
+        state_size = _validate.integer("SubDEQCell", "state_size", state_size)
+        input_size = _validate.integer("SubDEQCell", "input_size", input_size)
+        _validate.real("SubDEQCell", "weight_scale", weight_scale)
+        _validate.real("SubDEQCell", "shift", shift, low=1.0, low_open=True, hint=" It must exceed 1 so that tanh(Wz) + shift > 0.")
         if normalize not in ("max", "mean", None):
             raise ValueError(f"`normalize` must be 'max', 'mean' or None, got {normalize!r}.")
         dtype = dtype or jnp.result_type(float)
@@ -106,6 +137,13 @@ class SubDEQCell(eqx.Module):
         self.normalize = normalize
 
     def __call__(self, z, x):
+        d, n = self.input_weight.shape
+        _check_shapes(
+            f"SubDEQCell(state_size={d}, input_size={n})",
+            {"a state `z` (the DEQ's `z0`)": (d,), "an input `x`": (n,)},
+            {"z": z, "x": x},
+            _VMAP_HINT,
+        )
         v = jnp.tanh(self.weight @ z) + jax.nn.relu(self.input_weight @ x) + self.shift
         if self.normalize == "max":
             return v / jnp.max(v)
@@ -115,21 +153,6 @@ class SubDEQCell(eqx.Module):
 
     def init_state(self, x):
         return jnp.ones((self.weight.shape[0],), self.weight.dtype)
-
-
-def normalized_adjacency(adjacency: Float[Array, "n n"], mask: Float[Array, " n"] | None = None) -> Float[Array, "n n"]:
-    """`D^{-1/2} (A + I) D^{-1/2}` on the real nodes of a padded graph; spectral norm <= 1.
-
-    `A` must be symmetric and non-negative; padded nodes (`mask == 0`) are disconnected
-    and get zero rows and columns.
-    """
-    n = adjacency.shape[0]
-    if mask is None:
-        mask = jnp.ones((n,), adjacency.dtype)
-    a = (adjacency + jnp.eye(n, dtype=adjacency.dtype)) * mask[:, None] * mask[None, :]
-    degree = a.sum(axis=1)
-    inv_sqrt = jnp.where(degree > 0, 1.0 / jnp.sqrt(jnp.where(degree > 0, degree, 1.0)), 0.0)
-    return inv_sqrt[:, None] * a * inv_sqrt[None, :]
 
 
 class CGSCell(eqx.Module):
@@ -156,8 +179,10 @@ class CGSCell(eqx.Module):
     gamma: float = eqx.field(static=True)
 
     def __init__(self, key: PRNGKeyArray, feature_size: int, state_size: int, *, hidden_size: int = 32, gamma: float = 0.9, dtype=None):
-        if not 0 < gamma < 1:
-            raise ValueError(f"`gamma` must lie in (0, 1) for a contraction, got {gamma!r}.")
+        feature_size = _validate.integer("CGSCell", "feature_size", feature_size)
+        state_size = _validate.integer("CGSCell", "state_size", state_size)
+        hidden_size = _validate.integer("CGSCell", "hidden_size", hidden_size)
+        _validate.real("CGSCell", "gamma", gamma, low=0.0, high=1.0, low_open=True, high_open=True, hint=" It must be < 1 for a contraction.")
         dtype = dtype or jnp.result_type(float)
         k1, k2 = jr.split(key)
         self.w1 = jr.normal(k1, (feature_size, hidden_size), dtype) / math.sqrt(feature_size)
@@ -165,13 +190,37 @@ class CGSCell(eqx.Module):
         self.gamma = gamma
 
     def __call__(self, h, graph):
-        adjacency, features, mask = graph
+        adjacency, features, mask = self._unpack(graph)
+        f, d = self.w1.shape[0], self.w2.shape[1]
+        nodes = jnp.shape(features)[0] if jnp.ndim(features) else 0
+        _check_shapes(
+            f"CGSCell(feature_size={f}, state_size={d})",
+            {
+                "node states `h` (the DEQ's `z0`)": (nodes, d),
+                "`adjacency`": (nodes, nodes),
+                "`features`": (nodes, f),
+                "`mask`": (nodes,),
+            },
+            {"h": h, "adjacency": adjacency, "features": features, "mask": mask},
+            " The graph is `(adjacency, features, mask)` for one padded graph of N nodes; vmap the layer over a batch.",
+        )
         a_hat = normalized_adjacency(adjacency, mask)
         b = (jax.nn.relu(features @ self.w1) @ self.w2) * mask[:, None]
         return self.gamma * a_hat @ h + b
 
+    @staticmethod
+    def _unpack(graph):
+        if not (isinstance(graph, (tuple, list)) and len(graph) == 3):
+            raise TypeError(
+                f"CGSCell takes the graph as a tuple `(adjacency, features, mask)`, got {type(graph).__name__}"
+                + (f" of length {len(graph)}." if isinstance(graph, (tuple, list)) else ".")
+            )
+        return graph
+
     def init_state(self, graph):
-        return jnp.zeros((graph[1].shape[0], self.w2.shape[1]), self.w2.dtype)
+        _, features, _ = self._unpack(graph)
+        nodes = jnp.shape(features)[0] if jnp.ndim(features) else 0
+        return jnp.zeros((nodes, self.w2.shape[1]), self.w2.dtype)
 
 
 def project(model):

@@ -7,9 +7,10 @@ from typing import Any
 from flax import nnx
 
 from .._fixed_point import fixed_point
+from .._layers import layer_stats
 from ..adjoint import AbstractAdjoint, ImplicitAdjoint
 from ..solvers import AbstractFixedPointSolver, Anderson
-from ._deq import initial_state, layer_stats
+from ._deq import initial_state
 
 
 class DEQ(nnx.Module):
@@ -18,7 +19,8 @@ class DEQ(nnx.Module):
     `cell` is an `nnx.Module` called as `cell(z, x)`. Its state is split out
     (`nnx.split`) and passed to `fpx.fixed_point` as `args`, so `nnx.grad` of a loss
     reaches the cell's parameters through the implicit adjoint. Returns `(z*, stats)` as
-    `fpx.nn.DEQ` does.
+    `fpx.nn.DEQ` does, and picks the starting state as it does: `z0=`, else
+    `cell.init_state(x)`, else zeros of `x`'s shape when the cell maps such a state to one.
 
     ```python
     import jax.numpy as jnp
@@ -32,8 +34,9 @@ class DEQ(nnx.Module):
             return jnp.tanh(0.5 * self.lin(z) + x)
 
     deq = fpx.nn.nnx.DEQ(Cell(nnx.Rngs(0)), solver=fpx.Anderson())
-    z, stats = deq(jnp.ones(4), z0=jnp.zeros(4))
-    grads = nnx.grad(lambda m: m(jnp.ones(4), z0=jnp.zeros(4))[0].sum())(deq)
+    z, stats = deq(jnp.ones(4))  # starts from zeros: the state has the shape of x
+    grads = nnx.grad(lambda m: m(jnp.ones(4))[0].sum())(deq)
+    assert z.shape == (4,) and bool(stats["converged"])
     ```
     """
 
@@ -45,23 +48,27 @@ class DEQ(nnx.Module):
         adjoint: AbstractAdjoint = ImplicitAdjoint(),
         max_steps: int = 100,
         throw: bool = False,
+        has_aux: bool = False,
     ):
         self.cell = cell
         self.solver = solver
         self.adjoint = adjoint
         self.max_steps = max_steps
         self.throw = throw
+        self.has_aux = has_aux
 
     def __call__(self, x, z0=None, backward_probe=None) -> tuple[Any, dict[str, Any]]:
-        z0 = initial_state(self.cell, x, z0)
         graphdef, state = nnx.split(self.cell)
 
         def fn(z, args):
             state, x = args
             return nnx.merge(graphdef, state)(z, x)
 
+        state_only = (lambda z, x: fn(z, (state, x))[0]) if self.has_aux else (lambda z, x: fn(z, (state, x)))
+        z0 = initial_state(self.cell, x, z0, call=state_only, what="fpx.nn.nnx.DEQ")
+
         sol = fixed_point(
             fn, z0, (state, x), solver=self.solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
-            backward_probe=backward_probe,
+            has_aux=self.has_aux, backward_probe=backward_probe,
         )
         return sol.value, layer_stats(sol)

@@ -12,9 +12,9 @@ import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from .._fixed_point import fixed_point
+from .._layers import layer_stats
 from .._misc import tree_describe
 from ..adjoint import AbstractAdjoint, ImplicitAdjoint
-from ..nn._deq import layer_stats
 from ..solvers import AbstractFixedPointSolver, Anderson
 from ._operator import Operator
 

@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 from ._operator import (
     Operator,
     Uniform,
+    check_param_shapes,
     check_positive_int,
     check_real_params,
     linear,
@@ -189,9 +190,11 @@ def SpectralConv(
     check_positive_int("out_channels", out_channels)
 
     init = make_init(lambda: _spectral_spec(in_channels, out_channels, modes), dtype)
+    what = f"SpectralConv(dim={dim}, modes={modes}, in_channels={in_channels}, out_channels={out_channels})"
 
     def apply(params: dict[str, Array], x: Float[Array, "*n ci"]) -> Float[Array, "*n co"]:
         check_real_params(params)
+        check_param_shapes(params, _spectral_spec(in_channels, out_channels, modes), what)
         x = jnp.asarray(x)
         _check_input(x, dim, in_channels, "SpectralConv")
         _check_resolution(x.shape[:-1], modes, 0, "SpectralConv")
@@ -237,8 +240,11 @@ def FNOBlock(
         lambda: _fourier_layer_spec(width, modes), dtype, lambda p: jax.tree_util.tree_map(lambda a: init_scale * a, p)
     )
 
+    what = f"FNOBlock(dim={dim}, modes={modes}, width={width})"
+
     def apply(params, z: Float[Array, "*n w"], x: Float[Array, "*n w"]) -> Float[Array, "*n w"]:
         check_real_params(params)
+        check_param_shapes(params, _fourier_layer_spec(width, modes), what)
         z, x = jnp.asarray(z), jnp.asarray(x)
         _check_input(z, dim, width, "FNOBlock", "z")
         if x.shape != z.shape:
@@ -324,9 +330,14 @@ def FNO(
         }
 
     init = make_init(specs, dtype)
+    what = (
+        f"FNO(dim={dim}, modes={modes}, width={width}, layers={layers}, in_channels={in_channels}, "
+        f"out_channels={out_channels}, append_grid={append_grid}, projection_width={projection_width})"
+    )
 
     def apply(params: dict, x: Float[Array, "*n ci"]) -> Float[Array, "*n co"]:
         check_real_params(params)
+        check_param_shapes(params, specs(), what)
         x = jnp.asarray(x)
         _check_input(x, dim, in_channels, "FNO")
         spatial = x.shape[:-1]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ..nn._cells import normalized_adjacency
+from .._layers import normalized_adjacency
 from ._operator import Operator, check_positive_int, default_dtype, linear, linear_spec, make_init, mlp, mlp_spec
 
 

@@ -244,3 +244,38 @@ def mlp(params: list[dict[str, Array]], x, activation, final_activation: bool = 
 def check_positive_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_param_shapes(params: PyTree, specs: PyTree, what: str) -> None:
+    """Trace-time check that `params` has the leaves and shapes of the init specs `specs`.
+
+    Compares leaf by leaf (by key path, so lists and tuples are interchangeable) and names
+    every leaf that is missing, unexpected or of the wrong shape, with the shape this
+    operator expects: parameters built for another configuration (other `modes`, `width`,
+    channels or number of layers) fail here instead of inside an einsum.
+    """
+    expected = {
+        jtu.keystr(path): tuple(spec.shape)
+        for path, spec in jtu.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, _SPECS))[0]
+    }
+    if not isinstance(params, (dict, list, tuple)):
+        raise TypeError(f"{what}: `params` must be the pytree its `init(key)` returns, got {type(params).__name__}.")
+    got = {
+        jtu.keystr(path): tuple(leaf.shape if hasattr(leaf, "shape") else jnp.shape(leaf))
+        for path, leaf in jtu.tree_flatten_with_path(params)[0]
+    }
+    problems = []
+    for where, shape in expected.items():
+        if where not in got:
+            problems.append(f"params{where} is missing (expected shape {shape})")
+        elif got[where] != shape:
+            problems.append(f"params{where} has shape {got[where]} but this operator expects {shape}")
+    problems += [f"params{where} (shape {got[where]}) is not a parameter of this operator" for where in got if where not in expected]
+    if problems:
+        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
+        raise ValueError(
+            f"{what}: the parameters do not fit this operator:\n  "
+            + "\n  ".join(shown)
+            + "\nThey were probably built for another configuration (other modes, width, channels or layers): "
+            "create them with this operator's `init(key)`."
+        )
