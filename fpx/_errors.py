@@ -18,7 +18,6 @@ _HEADS = {
     "infeasible": "found that the operator has no fixed point",
     "diverged": "diverged",
     "breakdown": "broke down",
-    "gap_not_closed": "stopped at a point that is not within tolerance of every set",
 }
 
 

@@ -39,12 +39,6 @@ class RESULTS(eqx.Enumeration):
         "`fpx.KM(alpha=0.5)`); for a problem that may have no fixed point at all, pass "
         "`detect_infeasible=True` with Picard, KM or Halpern."
     )
-    gap_not_closed = (
-        "The iteration passed the fixed-point test, but its point is not within tolerance of "
-        "every set (see `sol.stats['gap']`) and no verified certificate of infeasibility was "
-        "found: the iterates may have run off (an accelerated solver on an infeasible "
-        "problem). Use a drifting solver (Picard, KM, Halpern) with infeasibility detection."
-    )
     breakdown = (
         "The solver broke down: its Newton direction does not reduce the residual (the "
         "linear solve of (I - dT/dz) d = -(z - T(z)) failed, e.g. I - dT/dz is singular "

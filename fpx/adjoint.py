@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 
 from . import _validate as checks
 from ._errors import FixedPointError, unvmapped_worst
-from ._misc import tree_add, tree_sub, two_norm
+from ._misc import tree_add, tree_sub, two_norm, unit_scale_two_norm
 from ._solution import RESULTS, Solution, SolveInputs
 from .solvers import AbstractFixedPointSolver, Anderson, Halpern, NewtonKrylov
 
@@ -130,9 +130,12 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     def apply(self, forward, inputs):
         sol = _undifferentiated(forward, inputs)
+        linear_solver = self.backward_solver(inputs.solver)
+        if linear_solver.norm is two_norm:
+            linear_solver = eqx.tree_at(lambda s: s.norm, linear_solver, unit_scale_two_norm)
         config = _LinearConfig(
             forward=forward,
-            solver=self.backward_solver(inputs.solver),
+            solver=linear_solver,
             linear_solver=self.linear_solver,
             max_steps=self.max_steps if self.max_steps is not None else inputs.max_steps,
             throw=inputs.throw,
@@ -241,7 +244,7 @@ def _solve_linear(residuals, rhs, config: _LinearConfig, transposed: bool):
     else:
         u = jtu.tree_map(lambda x: jnp.where(failed, jnp.nan, x), u)
     u = jtu.tree_map(lambda x: x * scale.astype(x.dtype), u)
-    dtype = jnp.result_type(*jtu.tree_leaves(rhs))
+    dtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(rhs)])
     report = jnp.stack([jnp.asarray(num_steps).astype(dtype), jnp.asarray(residual).astype(dtype), failed.astype(dtype)])
     return u, report
 
@@ -279,10 +282,13 @@ def _linear_impl(residuals, rhs, probe, config, transposed):
 
 
 def _linear_abstract_eval(residuals, rhs, probe, config, transposed):
-    to_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.core.ShapedArray) else x
-    residuals, rhs, probe, config = jtu.tree_map(to_struct, (residuals, rhs, probe, config))
-    out = eqx.filter_eval_shape(_linear_impl, residuals, rhs, probe, config, transposed)
-    return jtu.tree_map(lambda x: jax.core.ShapedArray(x.shape, x.dtype), out)
+    # The solution has the structure of the right-hand side, the report three entries of
+    # its dtype: no need to trace the solve for that.
+    del residuals, probe, config, transposed
+    leaves = jtu.tree_leaves(rhs)
+    dtype = jnp.result_type(*[x.dtype for x in leaves])
+    u = jtu.tree_map(lambda x: jax.core.ShapedArray(x.shape, x.dtype), rhs)
+    return u, jax.core.ShapedArray((3,), dtype)
 
 
 def _linear_jvp(primals, tangents):

@@ -76,7 +76,7 @@ def cmd_run(args, overrides, slurm) -> int:
         args.config, overrides, workdir=args.workdir, sweep_shard=args.sweep_shard, sweep_chunk=args.sweep_chunk,
         progress=True if args.progress else None,
     )
-    from .experiment._report import markdown_table
+    from .experiment import markdown_table
 
     rows = [{"run": summary.get("name", ""), **r} for r in summary["members"]]
     print(markdown_table(rows))
@@ -104,7 +104,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .experiment._config import config_module
+    from .experiment import config_module
 
     root = pathlib.Path(args.root)
     files = sorted(p for p in root.rglob("*.py") if not p.name.startswith("_"))

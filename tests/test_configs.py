@@ -1,12 +1,13 @@
 """Every experiment config has a `:quick` preset, and each preset runs end to end in the suite."""
 
+import ast
 import json
 import pathlib
 
 import pytest
 
 from fpx.cli import main
-from fpx.experiment._config import config_module, load_config
+from fpx.experiment import config_module, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.py"))
@@ -26,17 +27,92 @@ def test_every_config_has_a_quick_preset(path):
     load_config(f"{ROOT / path}:quick")
 
 
-def test_quick_presets_not_run_elsewhere_are_listed():
-    for path, test in RUN_ELSEWHERE.items():
-        assert (ROOT / path).exists() and (ROOT / test).exists(), (path, test)
+def _quick_spec_names(tree: ast.Module, path: str) -> set[str]:
+    """Module-level names bound to `str(ROOT / "configs" / ... ) + ":quick"` for `path`."""
+    parts = pathlib.PurePosixPath(path).parts
+    names = set()
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.BinOp)):
+            continue
+        left, right = node.value.left, node.value.right
+        if not (isinstance(right, ast.Constant) and right.value == ":quick"):
+            continue
+        if not (isinstance(left, ast.Call) and getattr(left.func, "id", None) == "str" and len(left.args) == 1):
+            continue
+        chain, arg = [], left.args[0]
+        while isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Div) and isinstance(arg.right, ast.Constant):
+            chain.insert(0, arg.right.value)
+            arg = arg.left
+        if getattr(arg, "id", None) == "ROOT" and tuple(chain) == parts:
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in RUN_ELSEWHERE])
+def _runs(node: ast.AST) -> bool:
+    calls = (n for n in ast.walk(node) if isinstance(n, ast.Call))
+    return any(getattr(c.func, "attr", getattr(c.func, "id", None)) in ("run", "main") for c in calls)
+
+
+@pytest.mark.parametrize("path", sorted(RUN_ELSEWHERE))
+def test_quick_presets_not_run_here_are_run_by_their_test(path):
+    # The listed test module binds the `:quick` spec of `path` and has a test that
+    # references it (directly or in its parametrization) and runs the runner or the CLI.
+    assert path in CONFIGS, f"{path} is listed in RUN_ELSEWHERE but is not a config under configs/"
+    tree = ast.parse((ROOT / RUN_ELSEWHERE[path]).read_text())
+    names = _quick_spec_names(tree, path)
+    assert names, f"{RUN_ELSEWHERE[path]} defines no `str(ROOT / ...{path!r}) + ':quick'` spec"
+    runners = [
+        f.name
+        for f in tree.body
+        if isinstance(f, ast.FunctionDef) and f.name.startswith("test_") and _runs(f)
+        and names & {n.id for n in ast.walk(f) if isinstance(n, ast.Name)}
+    ]
+    assert runners, f"no test in {RUN_ELSEWHERE[path]} runs {path}:quick"
+
+
+# The final figures of every member of the `:quick` presets run here (deterministic: fixed
+# seeds, fixed data split; float32 models under the suite's settings). A change of solver,
+# model, data or runner that moves them is caught here; re-derive them if it is intended.
+KNOWN = {
+    "configs/deq/digits.py": {
+        "implicit-anderson": {
+            "eval/accuracy": 0.6333333, "eval/loss": 1.6261611, "train/loss": 1.7606291,
+            "train/forward_steps": 9.1546879, "train/backward_steps": 7.8578124, "eval/converged_fraction": 1.0,
+        },
+        "jfb-anderson": {
+            "eval/accuracy": 0.625, "eval/loss": 1.6449677, "train/loss": 1.7808851,
+            "train/forward_steps": 9.3640623, "train/backward_steps": 0.0, "eval/converged_fraction": 1.0,
+        },
+        "mlp": {"eval/accuracy": 0.4, "eval/loss": 1.9677010, "train/loss": 2.0761073},
+    },
+    "configs/projective/digits.py": {
+        "adam": {"eval/accuracy": 0.1111111, "eval/loss": 2.7316430, "train/loss": 2.6058397},
+        "dr-skip": {
+            "eval/accuracy": 0.55, "eval/loss": 1.5450760, "train/loss": 1.0890522,
+            "train/inner_steps": 5.0, "train/infeasible_fraction": 0.0,
+        },
+    },
+}
+
+
+def test_every_quick_preset_is_run_somewhere():
+    assert sorted(KNOWN) == sorted(p for p in CONFIGS if p not in RUN_ELSEWHERE)
+
+
+@pytest.mark.parametrize("path", sorted(KNOWN))
 def test_quick_preset_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("FPX_DATA_DIR", str(tmp_path / "data"))
     workdir = tmp_path / "run"
     assert main(["run", f"{ROOT / path}:quick", "--workdir", str(workdir)]) == 0
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary, "the run wrote an empty summary"
+    steps = load_config(f"{ROOT / path}:quick").train.steps
+    rows = {row["hparams"]["variant"]: row for row in summary["members"]}
+    assert sorted(rows) == sorted(KNOWN[path])
+    assert summary["success_mask"] == [True] * len(rows)
+    for variant, figures in KNOWN[path].items():
+        row = rows[variant]
+        assert row["status"] == "ok" and row["step"] == steps, (variant, row["status"], row["step"])
+        for key, value in figures.items():
+            assert row[key] == pytest.approx(value, rel=1e-3, abs=1e-6), f"{variant}: {key} = {row[key]}, expected {value}"
     text = json.dumps(summary)
-    assert "NaN" not in text and "nan" not in text.lower().replace("nano", "")
+    assert "NaN" not in text and "Infinity" not in text

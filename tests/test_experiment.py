@@ -49,7 +49,7 @@ def assert_same_metrics(a, b, rtol=1e-6):
         ({"train.steps": "1.5"}, r"'train.steps' expects int .* got float 1.5"),
         ({"model.kind": "3"}, r"'model.kind' expects str"),
         ({"optim.lr": "-1"}, r"'optim.lr' = -1.0 is not allowed: it must be a positive number"),
-        ({"solver.memory": "0"}, r"invalid 'solver' settings .*Anderson\(memory=...\)` must be a positive integer, got 0"),
+        ({"solver.memory": "0"}, r"invalid 'solver' settings .*Anderson\(memory=...\)` must be .*, got 0"),
         ({"solver.name": "andersen"}, r"unknown solver name 'andersen'.*Did you mean 'anderson'"),
         ({"adjoint.name": "implict"}, r"unknown adjoint name 'implict'.*Did you mean 'implicit'"),
         ({"sweep.lrate": "[1e-3]"}, r"unknown sweep key 'lrate'"),
@@ -164,10 +164,11 @@ def test_shard_slices_and_report_equal_whole_sweep(tmp_path):
 
 def test_resume_after_interruption_is_identical(tmp_path):
     overrides = {**F64, "sweep.lr": "[1e-3, 3e-3]", "train.steps": "60", "train.checkpoint_every": "40"}
-    fx.run(QUICK, overrides, workdir=tmp_path / "straight")
+    assert fx.run(QUICK, overrides, workdir=tmp_path / "straight")["stopped_early"] is False
     # Preempted after step 40... and after writing metrics past the last checkpoint.
     first = fx.run(QUICK, overrides, workdir=tmp_path / "resumed", stop_after_step=60 - 20)
-    assert first["stopped_early"] is False or first["members"][0]["step"] == 40
+    assert first["stopped_early"] is True
+    assert [(m["hparams"]["optim.lr"], m["step"]) for m in first["members"]] == [(1e-3, 40), (3e-3, 40)]
     with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"unit": 0, "member": 0, "step": 60, "hparams": {"optim.lr": 1e-3}, "train/loss": -1.0}) + "\n")
     fx.run(QUICK, overrides, workdir=tmp_path / "resumed")
@@ -183,12 +184,13 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 
 def test_one_member_diverging_does_not_touch_the_others(tmp_path):
-    # float32: a learning rate of 1e30 overflows, the solves stop converging.
-    fx.run(QUICK, {"optim.name": "sgd", "sweep.lr": "[0.1, 1e30]"}, workdir=tmp_path / "mixed")
+    # float32: a learning rate of 1e38 overflows the weights to inf/NaN, the member diverges.
+    # (With 1e30 the weights stay finite, the tanh cell saturates and the solves may converge.)
+    fx.run(QUICK, {"optim.name": "sgd", "sweep.lr": "[0.1, 1e38]"}, workdir=tmp_path / "mixed")
     fx.run(QUICK, {"optim.name": "sgd", "sweep.lr": "[0.1]"}, workdir=tmp_path / "alone")
     summary = json.loads((tmp_path / "mixed" / "summary.json").read_text())
     assert summary["success_mask"] == [True, False]
-    assert summary["members"][1]["status"] in ("diverged", "unconverged")
+    assert summary["members"][1]["status"] == "diverged"
     mixed = metrics_by_member(tmp_path / "mixed")
     # float32 vmapped at a different width may round differently: one solver step in 360 samples.
     assert_same_metrics({0.1: mixed[0.1]}, metrics_by_member(tmp_path / "alone"), rtol=1e-3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fpx.experiment as fx
-from fpx.experiment._runner import _member_config, build_task
+from fpx.experiment import build_task, member_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs" / "operators" / "iterations.py") + ":quick"
@@ -88,7 +88,7 @@ def test_quick_preset_runs_every_variant_with_equal_parameter_counts(tmp_path, d
     members = {m["variant"]: m for m in fx.expand_sweep(cfg)}
     shapes = {}
     for v in VARIANTS:
-        task = build_task(_member_config(cfg, members[v]))
+        task = build_task(member_config(cfg, members[v]))
         shapes[v] = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))
         assert task.is_deq == (v == "deq")
     for v in VARIANTS:

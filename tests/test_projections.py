@@ -640,9 +640,110 @@ def test_jit_vmap_float32_and_grad(name):
     out32 = f(zs[0].astype(jnp.float32))
     assert out32.dtype == jnp.float32
     np.testing.assert_allclose(out32, eager[0], atol=1e-4, rtol=1e-4)
-    # finite gradients, also at 0 (a kink of most of these maps)
+    # At 0 (a kink of most of these maps) the derivative is a choice of subgradient: finite.
     grads = jax.jit(jax.vmap(jax.grad(lambda z: jnp.sum(jnp.sin(f(z))))))(zs.at[1].set(0.0))
     assert np.all(np.isfinite(grads))
+    # Away from kinks it is the Jacobian of the projection: its closed form where there is a
+    # short one, else central differences (the map is smooth there).
+    jacobians = jax.jit(jax.vmap(jax.jacobian(f)))(zs)
+    for z, jac in zip(np.asarray(zs), np.asarray(jacobians)):
+        jac = jac.reshape(z.size, z.size)
+        if name in JACOBIANS:
+            np.testing.assert_allclose(jac, JACOBIANS[name](z), atol=1e-10, err_msg=name)
+        else:
+            eps = 1e-6
+            steps = eps * np.eye(z.size).reshape(z.size, *z.shape)
+            fd = np.stack([(f(z + e) - f(z - e)).reshape(-1) / (2 * eps) for e in steps], axis=1)
+            np.testing.assert_allclose(jac, fd, atol=1e-6, err_msg=name)
+
+
+def _diag(mask):
+    return np.diag(np.asarray(mask, float))
+
+
+def _support_jacobian(signs):
+    """`diag(|s|) - s s^T / k` for the sign pattern s of the support (k entries): the
+    Jacobian of soft-thresholding at the threshold that fixes the support's sum."""
+    support = signs != 0
+    return _diag(support) - np.outer(signs, signs) / support.sum()
+
+
+def _jac_l2_ball(z, radius=1.5):
+    d = z - 1.0
+    r = np.linalg.norm(d)
+    if r <= radius:
+        return np.eye(z.size)
+    n = d / r
+    return radius / r * (np.eye(z.size) - np.outer(n, n))
+
+
+def _jac_plane(z, b, halfspace):
+    if halfspace and _a @ z <= b:
+        return np.eye(z.size)
+    return np.eye(z.size) - np.outer(_a, _a) / (_a @ _a)
+
+
+def _jac_second_order_cone(z):
+    x, t = z[:-1], z[-1]
+    s = np.linalg.norm(x)
+    if s <= t:
+        return np.eye(z.size)
+    if s <= -t:
+        return np.zeros((z.size, z.size))
+    n = x / s  # P = (s + t)/2 (n, 1)
+    jac = np.zeros((z.size, z.size))
+    jac[:-1, :-1] = np.outer(n, n) / 2 + (s + t) / (2 * s) * (np.eye(x.size) - np.outer(n, n))
+    jac[:-1, -1] = jac[-1, :-1] = n / 2
+    jac[-1, -1] = 0.5
+    return jac
+
+
+def _jac_psd_cone(m):
+    # Daleckii–Krein: with (M + M^T)/2 = V diag(w) V^T, dP[H] = V (G o V^T sym(H) V) V^T,
+    # G_ij = (w_i^+ - w_j^+) / (w_i - w_j) (the derivative of max(w, 0) when w_i = w_j).
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    wp = np.maximum(w, 0)
+    dw = w[:, None] - w[None, :]
+    same = np.abs(dw) < 1e-12
+    g = np.where(same, (w[:, None] > 0) * 1.0, (wp[:, None] - wp[None, :]) / np.where(same, 1, dw))
+    cols = []
+    for e in np.eye(m.size):
+        h = e.reshape(m.shape)
+        cols.append((v @ (g * (v.T @ ((h + h.T) / 2) @ v)) @ v.T).reshape(-1))
+    return np.stack(cols, axis=1)
+
+
+def _jac_relu_graph(z):
+    u, y = z
+    n = u.size
+    jac = np.zeros((2, n, 2, n))
+    s = np.maximum((u + y) / 2, 0)
+    on_positive_ray = (u - s) ** 2 + (y - s) ** 2 <= (u - np.minimum(u, 0)) ** 2 + y**2
+    for i in range(n):
+        if on_positive_ray[i] and (u[i] + y[i]) > 0:  # (u', y') = ((u + y)/2, (u + y)/2)
+            jac[:, i, :, i] = 0.5
+        elif not on_positive_ray[i] and u[i] < 0:  # (u', y') = (u, 0)
+            jac[0, i, 0, i] = 1.0
+    return jac.reshape(2 * n, 2 * n)
+
+
+JACOBIANS = {
+    "nonnegative": lambda z: _diag(z > 0),
+    "box": lambda z: _diag((z > -0.5) & (z < np.array([1.0, 2.0, 0.0, 0.5]))),
+    "simplex": lambda z: _support_jacobian((np.asarray(project_simplex(z, 2.0)) > 0) * 1.0),
+    "l2_ball": _jac_l2_ball,
+    "l1_ball": lambda z: np.eye(z.size)
+    if np.abs(z).sum() <= 1.5
+    else _support_jacobian(np.sign(z) * (np.asarray(project_l1_ball(z, 1.5)) != 0)),
+    "linf_ball": lambda z: _diag(np.abs(z) < 0.5),
+    "hyperplane": lambda z: _jac_plane(z, 1.0, halfspace=False),
+    "halfspace": lambda z: _jac_plane(z, -1.0, halfspace=True),
+    "affine": lambda z: np.eye(z.size) - _A.T @ np.linalg.solve(_A @ _A.T, _A),
+    "second_order_cone": _jac_second_order_cone,
+    "psd_cone": _jac_psd_cone,
+    "relu_graph": _jac_relu_graph,
+    # spectral_norm_ball and bilinear_graph: central differences (see above)
+}
 
 
 def test_bilinear_graph_derivative_matches_finite_differences():

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 import fpx.experiment as fx  # noqa: E402
-from fpx.experiment._runner import _member_config, build_task, expand_sweep  # noqa: E402
+from fpx.experiment import build_task, expand_sweep, member_config  # noqa: E402
 from fpx.operators import mean_relative_l2  # noqa: E402
 
 ORDER = ["k1", "k2", "k4", "k8", "k16", "deq"]
@@ -42,7 +42,7 @@ def restore(workdir, variant):
     config = ConfigDict(json.loads((workdir / "config.json").read_text()))
     members = expand_sweep(config)
     mine = sorted({r["member"] for r in fx.read_metrics(workdir) if r["hparams"]["variant"] == variant})
-    task = build_task(_member_config(config, members[mine[0]]))
+    task = build_task(member_config(config, members[mine[0]]))
     return task, _restore_state(workdir, variant, task)["params"], [members[m]["seed"] for m in mine]
 
 
@@ -75,7 +75,7 @@ def step_times(source, variants, rounds=3, steps=10):
     for v in variants:
         config = ConfigDict(json.loads((pathlib.Path(source[v]) / "config.json").read_text()))
         member = next(m for m in expand_sweep(config) if m["variant"] == v)
-        task = build_task(_member_config(config, member))
+        task = build_task(member_config(config, member))
         state = jax.tree_util.tree_map(lambda a: a[0], _restore_state(source[v], v, task))
         hp = {"seed": jnp.int32(0), "optim.lr": jnp.float32(task.config.optim.lr)}
         step = jax.jit(task.train_step)

@@ -1,13 +1,31 @@
-"""Config-driven experiments: validated configs, vmapped sweeps, run directories, reports."""
+"""Config-driven experiments: validated configs, vmapped sweeps, run directories, reports.
 
-from ._config import ConfigError as ConfigError, apply_overrides as apply_overrides, load_config as load_config
-from ._registry import ADJOINTS as ADJOINTS, OPTIMIZERS as OPTIMIZERS, SOLVERS as SOLVERS, build as build
-from ._report import REPORT_COLUMNS as REPORT_COLUMNS, report as report
-from ._runner import (
+The registries `SOLVERS`, `ADJOINTS`, `OPTIMIZERS` and `TASKS` are read-only views; add an
+experiment with `@register_task(name)`. `TASKS` holds the built-in tasks once `load_tasks()`
+(or any run / config validation) has imported them.
+"""
+
+from ._config import (
+    ConfigError as ConfigError,
+    apply_overrides as apply_overrides,
+    config_module as config_module,
+    load_config as load_config,
+)
+from ._registry import (
+    ADJOINTS as ADJOINTS,
+    OPTIMIZERS as OPTIMIZERS,
+    SOLVERS as SOLVERS,
     TASKS as TASKS,
-    expand_sweep as expand_sweep,
-    read_metrics as read_metrics,
+    build as build,
+    load_tasks as load_tasks,
     register_task as register_task,
+)
+from ._report import REPORT_COLUMNS as REPORT_COLUMNS, markdown_table as markdown_table, report as report
+from ._runner import (
+    build_task as build_task,
+    expand_sweep as expand_sweep,
+    member_config as member_config,
+    read_metrics as read_metrics,
     resolve_config as resolve_config,
     run as run,
 )

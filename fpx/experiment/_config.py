@@ -80,7 +80,9 @@ def _parse_value(text: str):
         return text
 
 
-def _check_type(path: str, old, new):
+def check_type(path: str, old, new):
+    """`new` as a value for the config key `path` whose default is `old` (an int is taken
+    for a float, a tuple for a list; `None` on either side allows anything); else ConfigError."""
     if old is None or new is None:
         return new
     if isinstance(old, bool) or isinstance(new, bool):
@@ -131,23 +133,23 @@ def apply_overrides(config: ConfigDict, overrides: Mapping[str, str]) -> ConfigD
                     f"{', '.join(params) or 'no arguments'}.{_nearest(arg, params)}"
                 )
             default = params[arg].default
-            value = _check_type(path, None if default is inspect.Parameter.empty else default, value)
+            value = check_type(path, None if default is inspect.Parameter.empty else default, value)
             config[section][arg] = value
             paths[path] = value
             continue
         if path not in paths:
             raise ConfigError(f"unknown config key {path!r}.{_nearest(path, paths)}")
-        value = _check_type(path, paths[path], value)
+        value = check_type(path, paths[path], value)
         node = config
         *parents, last = path.split(".")
         for p in parents:
             node = node[p]
         node[last] = value
-    _prune_registry_sections(config, explicit={p for p in overrides})
+    prune_registry_sections(config, explicit={p for p in overrides})
     return config
 
 
-def _prune_registry_sections(config: ConfigDict, explicit=frozenset()) -> None:
+def prune_registry_sections(config: ConfigDict, explicit=frozenset()) -> None:
     """Drop preset arguments the chosen constructor does not take.
 
     A preset written for `anderson` carries `memory`; switching `solver.name` to `km`
@@ -177,7 +179,7 @@ def check_keys(config: Mapping, schema: Mapping, prefix: str = "") -> None:
                 raise ConfigError(f"config key {path!r} must be a dict of settings, got {value!r}.")
             check_keys(value, ref, path + ".")
         else:
-            _check_type(path, ref, value)
+            check_type(path, ref, value)
 
 
 Check = Callable[[Any], bool]

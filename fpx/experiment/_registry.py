@@ -4,6 +4,10 @@ A config section such as `solver = {"name": "anderson", "memory": 5, "rtol": 1e-
 turned into `fpx.Anderson(memory=5, rtol=1e-4)`; any argument the constructor takes may
 be set (also from the command line), anything else is an error naming the nearest
 valid argument.
+
+All the registries live here: `SOLVERS`, `ADJOINTS`, `OPTIMIZERS` (config sections) and
+`TASKS` (experiments, filled by `register_task`). Each is exported as a read-only view
+(`types.MappingProxyType`); add a task with `register_task`, not by assignment.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -21,7 +26,7 @@ from .. import adjoint as _adjoint
 from .. import solvers as _solvers
 from ._config import ConfigError
 
-SOLVERS: dict[str, Callable] = {
+_SOLVERS: dict[str, Callable] = {
     "picard": _solvers.Picard,
     "km": _solvers.KM,
     "halpern": _solvers.Halpern,
@@ -29,12 +34,14 @@ SOLVERS: dict[str, Callable] = {
     "broyden": _solvers.Broyden,
     "newton_krylov": _solvers.NewtonKrylov,
 }
-ADJOINTS: dict[str, Callable] = {
+_ADJOINTS: dict[str, Callable] = {
     "implicit": _adjoint.ImplicitAdjoint,
     "jfb": _adjoint.JFBAdjoint,
     "phantom": _adjoint.PhantomAdjoint,
     "unrolled": _adjoint.UnrolledAdjoint,
 }
+SOLVERS: Mapping[str, Callable] = MappingProxyType(_SOLVERS)
+ADJOINTS: Mapping[str, Callable] = MappingProxyType(_ADJOINTS)
 
 
 def _optimizer(name: str) -> Callable:
@@ -61,7 +68,7 @@ def _optimizer(name: str) -> Callable:
     return make
 
 
-OPTIMIZERS: dict[str, Callable] = {name: _optimizer(name) for name in ("adam", "sgd", "rmsprop", "lion")}
+OPTIMIZERS: Mapping[str, Callable] = MappingProxyType({name: _optimizer(name) for name in ("adam", "sgd", "rmsprop", "lion")})
 
 
 def set_learning_rate(opt_state, lr):
@@ -83,7 +90,34 @@ def set_learning_rate(opt_state, lr):
         raise ValueError("set_learning_rate: the optimizer state has no injected learning rate (use optax.inject_hyperparams).")
     return new
 
-REGISTRIES: dict[str, dict[str, Callable]] = {"solver": SOLVERS, "adjoint": ADJOINTS, "optim": OPTIMIZERS}
+
+# The config sections built from a registry: `solver = {"name": ..., **arguments}` etc.
+REGISTRIES: Mapping[str, Mapping[str, Callable]] = MappingProxyType({"solver": SOLVERS, "adjoint": ADJOINTS, "optim": OPTIMIZERS})
+
+_TASKS: dict[str, Callable] = {}
+TASKS: Mapping[str, Callable] = MappingProxyType(_TASKS)
+
+
+def register_task(name: str):
+    """Decorator: `@register_task("deq_classifier")` on a `build(config) -> Task` function."""
+
+    def wrap(build):
+        _TASKS[name] = build
+        return build
+
+    return wrap
+
+
+def load_tasks() -> Mapping[str, Callable]:
+    """Import the built-in tasks (each module of `fpx/experiment/tasks` registers its own); return `TASKS`."""
+    import importlib
+    import pkgutil
+
+    from . import tasks
+
+    for module in pkgutil.iter_modules(tasks.__path__):
+        importlib.import_module(f"{tasks.__name__}.{module.name}")
+    return TASKS
 
 
 def parameters(factory: Callable) -> dict[str, inspect.Parameter]:

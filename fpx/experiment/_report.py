@@ -6,7 +6,6 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from ._plots import plot_records
 from ._runner import read_metrics
 
 REPORT_COLUMNS = (
@@ -76,6 +75,8 @@ def report(
     if len(runs) > 1:
         for r in records:
             r["member"] = runs.index(r["run"]) * 100_000 + r["member"]
+    from ._plots import plot_records  # matplotlib, only when plotting
+
     plots = plot_records(records, out / "plots")
     text = "# fpx report\n\n" + table + "\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
     (out / "report.md").write_text(text)

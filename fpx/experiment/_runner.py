@@ -15,53 +15,29 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from ._config import (
     ConfigDict,
     ConfigError,
-    _check_type,
-    _prune_registry_sections,
     apply_overrides,
     check_keys,
+    check_type,
     check_values,
     get_path,
     leaf_paths,
     load_config,
+    prune_registry_sections,
     resolve_sweep_key,
-    sweep_items,
     set_path,
+    sweep_items,
 )
-from ._registry import REGISTRIES, build
-
-TASKS: dict[str, Any] = {}
-
-
-def register_task(name: str):
-    """Decorator: `@register_task("deq_classifier")` on a `build(config) -> Task` function."""
-
-    def wrap(build):
-        TASKS[name] = build
-        return build
-
-    return wrap
-
-
-def _load_tasks():
-    # Every module in fpx/experiment/tasks registers its task on import.
-    import importlib
-    import pkgutil
-
-    from . import tasks
-
-    for module in pkgutil.iter_modules(tasks.__path__):
-        importlib.import_module(f"{tasks.__name__}.{module.name}")
+from ._registry import REGISTRIES, TASKS, build, load_tasks
 
 
 def build_task(config: ConfigDict):
-    _load_tasks()
+    """The task of `config.experiment`, built from (one member's) config."""
+    load_tasks()
     name = config.experiment
     if name not in TASKS:
         raise ConfigError(f"unknown experiment {name!r}; available: {', '.join(TASKS)}.")
@@ -86,12 +62,12 @@ def validate(config: ConfigDict, schema: Mapping) -> None:
     check_keys(plain, {k: v for k, v in schema.items() if k not in free})
     for name, assignment in variant_items(config):
         for path, value in assignment.items():
-            _check_type(f"variants.{name}.{path}", get_path(config.to_dict(), path), value)
-        _member_config(config, assignment)
+            check_type(f"variants.{name}.{path}", get_path(config.to_dict(), path), value)
+        member_config(config, assignment)
     for section in REGISTRIES:
         if section in config:
             build(section, config[section].to_dict())  # checks names, arguments and values
-    _load_tasks()
+    load_tasks()
     if config.experiment not in TASKS:
         raise ConfigError(f"config key 'experiment' = {config.experiment!r} is not a known experiment; available: {', '.join(TASKS)}.")
     constraints = getattr(TASKS[config.experiment], "constraints", {})
@@ -101,7 +77,7 @@ def validate(config: ConfigDict, schema: Mapping) -> None:
             raise ConfigError(f"sweep over {path!r} has no values.")
         default = get_path(config.to_dict(), path)
         for v in values:
-            _check_type(f"sweep value for {path}", default, v)
+            check_type(f"sweep value for {path}", default, v)
     train = config.train
     for key in ("steps", "eval_every"):
         if not (isinstance(train[key], int) and train[key] >= 1):
@@ -202,6 +178,8 @@ def _sweep_sharding(num: int):
 
 
 def _progress(total: int, enabled: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
     disable = not (enabled if enabled is not None else sys.stderr.isatty())
     return tqdm(total=total, desc=desc, unit="step", disable=disable, leave=True, dynamic_ncols=True)
 
@@ -279,24 +257,29 @@ def _units(config, members, selected, sweep_chunk):
     return units
 
 
-def _member_config(config: ConfigDict, assignment: Mapping[str, Any]) -> ConfigDict:
+def member_config(config: ConfigDict, assignment: Mapping[str, Any]) -> ConfigDict:
+    """The config of one sweep member: `config` with `assignment` (an `expand_sweep` entry) applied."""
     cfg = ConfigDict(config.to_dict())
     for path, value in assignment.items():
         if path != VARIANT:
             set_path(cfg, path, value)
-    _prune_registry_sections(cfg)
+    prune_registry_sections(cfg)
     for section in REGISTRIES:
         if section in cfg:
             build(section, cfg[section].to_dict())
     return cfg
 
 
+
+
 def _train_unit(config, unit, unit_index, members, workdir, writer, bar, stop_after_step):
+    import orbax.checkpoint as ocp
+
     ms = unit["members"]
-    base = _member_config(config, members[ms[0]])
+    base = member_config(config, members[ms[0]])
     task = build_task(base)
     dynamic = tuple(task.dynamic)
-    hp_np = {p: np.array([get_path(_member_config(config, members[m]).to_dict(), p) for m in ms]) for p in dynamic}
+    hp_np = {p: np.array([get_path(member_config(config, members[m]).to_dict(), p) for m in ms]) for p in dynamic}
     sharding, padded = _sweep_sharding(len(ms))
     pad = padded - len(ms)
 

@@ -16,4 +16,10 @@ from ._projections import (
     project_simplex as project_simplex,
     project_spectral_norm_ball as project_spectral_norm_ball,
 )
-from ._feasible_point import feasible_point as feasible_point, splitting as splitting
+from ._feasible_point import (
+    METHODS as METHODS,
+    distance as distance,
+    feasible_point as feasible_point,
+    gap_tolerance as gap_tolerance,
+    splitting as splitting,
+)

@@ -31,6 +31,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float
 
+from .._shapes import same_shape
+
 __all__ = [
     "project_affine",
     "project_bilinear_graph",
@@ -554,19 +556,6 @@ def _spectral_norm_ball(matrix, radius):
 # graphs of scalar functions (not convex)
 
 
-def _same_shape(fn: str, **arrays) -> list[Array]:
-    arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
-    shapes = {k: v.shape for k, v in arrays.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"{fn}: the arguments must have the same shape, got {shapes}.")
-    dtype = jnp.result_type(*arrays.values())
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise ValueError(f"{fn}: the arguments must be real, got dtype {dtype}.")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.result_type(float)
-    return [v.astype(dtype) for v in arrays.values()]
-
-
 def project_relu_graph(u: ArrayLike, y: ArrayLike) -> tuple[Array, Array]:
     """Nearest point of the graph `{(u, y) : y = max(u, 0)}`, entrywise on pairs `(u_i, y_i)`.
 
@@ -590,7 +579,7 @@ def project_relu_graph(u: ArrayLike, y: ArrayLike) -> tuple[Array, Array]:
     assert jnp.allclose(y, jnp.array([1.0, 0.0, 1.0, 0.0]))
     ```
     """
-    return _relu_graph(*_same_shape("project_relu_graph", u=u, y=y))
+    return _relu_graph(*same_shape("project_relu_graph", u=u, y=y))
 
 
 @jax.jit
@@ -736,5 +725,5 @@ def project_bilinear_graph(a: ArrayLike, b: ArrayLike, y: ArrayLike) -> tuple[Ar
     assert jnp.allclose(y, a * b)  # (0, 0, 5) projects onto (2, 2, 4) (or its mirror (-2, -2, 4))
     ```
     """
-    a, b, y = _same_shape("project_bilinear_graph", a=a, b=b, y=y)
+    a, b, y = same_shape("project_bilinear_graph", a=a, b=b, y=y)
     return _bilinear_kernel(a, b, y)

@@ -126,7 +126,16 @@ def _fourier_layer(p, z, modes):
     return _spectral_conv(p["spectral"], z, modes) + _pointwise(p["pointwise"], z)
 
 
-def _fourier_layer_spec(width, modes):
+def fourier_layer_spec(width: int, modes) -> dict:
+    """Init spec of one Fourier layer of width `width` (spectral convolution + pointwise linear), as in `FNOBlock`.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    spec = fpx.operators.fourier_layer_spec(8, (4,))
+    params = fpx.operators.make_init(lambda: spec, jnp.float32)(jax.random.PRNGKey(0))
+    assert set(params) == {"spectral", "pointwise"}
+    ```
+    """
     return {"spectral": _spectral_spec(width, width, modes), "pointwise": linear_spec(width, width)}
 
 
@@ -237,14 +246,14 @@ def FNOBlock(
     check_positive_int("width", width)
 
     init = make_init(
-        lambda: _fourier_layer_spec(width, modes), dtype, lambda p: jax.tree_util.tree_map(lambda a: init_scale * a, p)
+        lambda: fourier_layer_spec(width, modes), dtype, lambda p: jax.tree_util.tree_map(lambda a: init_scale * a, p)
     )
 
     what = f"FNOBlock(dim={dim}, modes={modes}, width={width})"
 
     def apply(params, z: Float[Array, "*n w"], x: Float[Array, "*n w"]) -> Float[Array, "*n w"]:
         check_real_params(params)
-        check_param_shapes(params, _fourier_layer_spec(width, modes), what)
+        check_param_shapes(params, fourier_layer_spec(width, modes), what)
         z, x = jnp.asarray(z), jnp.asarray(x)
         _check_input(z, dim, width, "FNOBlock", "z")
         if x.shape != z.shape:
@@ -325,7 +334,7 @@ def FNO(
     def specs() -> dict:
         return {
             "lift": linear_spec(lift_in, width),
-            "layers": [_fourier_layer_spec(width, modes) for _ in range(layers)],
+            "layers": [fourier_layer_spec(width, modes) for _ in range(layers)],
             "projection": mlp_spec((width, projection_width, out_channels)),
         }
 

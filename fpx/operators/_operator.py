@@ -193,6 +193,15 @@ def make_init(specs: Callable[[], PyTree], dtype, transform: Callable[[PyTree], 
     CPU, and this way a handful of compiled draws serve every operator, instead of one
     draw per tensor shape per operator. Cutting the draws into tensors is one small
     jitted function per operator. Works under `jit` and `vmap` (e.g. over keys).
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    ops = fpx.operators
+    init = ops.make_init(lambda: {"lift": ops.linear_spec(2, 8), "head": ops.mlp_spec((8, 16, 1))}, jnp.float32)
+    params = init(jax.random.PRNGKey(0))
+    y = ops.mlp(params["head"], ops.linear(params["lift"], jnp.ones((5, 2))), jax.nn.gelu)
+    assert y.shape == (5, 1)
+    ```
     """
 
     @jax.jit
@@ -212,7 +221,14 @@ def make_init(specs: Callable[[], PyTree], dtype, transform: Callable[[PyTree], 
 
 
 def linear_spec(fan_in: int, fan_out: int) -> dict[str, Uniform]:
-    """PyTorch's `nn.Linear` / 1x1 `nn.Conv` default: weight and bias ~ U(±1/sqrt(fan_in))."""
+    """Init spec of a dense layer, PyTorch's `nn.Linear` default: weight and bias ~ U(±1/sqrt(fan_in)).
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    params = fpx.operators.make_init(lambda: fpx.operators.linear_spec(3, 4), jnp.float32)(jax.random.PRNGKey(0))
+    assert params["weight"].shape == (3, 4) and float(jnp.abs(params["bias"]).max()) <= 3 ** -0.5
+    ```
+    """
     bound = 1.0 / math.sqrt(fan_in)
     return {"weight": Uniform((fan_in, fan_out), -bound, bound), "bias": Uniform((fan_out,), -bound, bound)}
 
@@ -224,16 +240,39 @@ def glorot_spec(fan_in: int, fan_out: int) -> dict:
 
 
 def linear(p: dict[str, Array], x: Float[Array, "... i"]) -> Float[Array, "... o"]:
-    """`x @ W + b` over the last axis (explicit broadcasting of the bias)."""
+    """`x @ W + b` over the last axis (explicit broadcasting of the bias).
+
+    ```python
+    import jax.numpy as jnp, fpx
+    p = {"weight": jnp.eye(2), "bias": jnp.array([1.0, -1.0])}
+    assert jnp.array_equal(fpx.operators.linear(p, jnp.ones((3, 2))), jnp.tile(jnp.array([2.0, 0.0]), (3, 1)))
+    ```
+    """
     y = x @ p["weight"]
     return y + jnp.reshape(p["bias"], (1,) * (y.ndim - 1) + p["bias"].shape)
 
 
 def mlp_spec(sizes: tuple[int, ...], layer_spec=linear_spec) -> list[dict]:
+    """Init specs of an MLP with layer widths `sizes` (one `layer_spec` per consecutive pair).
+
+    ```python
+    import fpx
+    assert len(fpx.operators.mlp_spec((4, 32, 32, 1))) == 3
+    ```
+    """
     return [layer_spec(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
 
 
 def mlp(params: list[dict[str, Array]], x, activation, final_activation: bool = False):
+    """Apply the dense layers `params` (from `mlp_spec`) with `activation` between them.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    layer = {"weight": jnp.eye(2), "bias": jnp.zeros(2)}
+    y = fpx.operators.mlp([layer, layer], jnp.array([-1.0, 2.0]), jax.nn.relu)
+    assert jnp.array_equal(y, jnp.array([0.0, 2.0]))
+    ```
+    """
     for i, p in enumerate(params):
         x = linear(p, x)
         if i < len(params) - 1 or final_activation:

@@ -31,7 +31,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from ..feasibility._projections import _bilinear_kernel, _relu_graph
+from ..feasibility import project_bilinear_graph, project_relu_graph
 from ._sets import _max2_graph, _reduce_max_graph
 
 # Wrappers whose body is inlined (parameter holding the body, in order of preference).
@@ -520,7 +520,7 @@ def project(node: Node, base: list[BaseVar], known, aux: dict, ins: tuple, out):
         step = transpose(lam)
         return tuple(c + s for c, s in zip(ins, step)), out - lam
     if node.kind == "bilinear":
-        a, b, y = _bilinear_kernel(ins[0], ins[1], out)
+        a, b, y = project_bilinear_graph(ins[0], ins[1], out)
         return (a, b), y
     if node.kind == "max":
         sign = 1 if node.info[0] == "max" else -1
@@ -529,7 +529,7 @@ def project(node: Node, base: list[BaseVar], known, aux: dict, ins: tuple, out):
             return (sign * u, sign * v), sign * y
         (k,) = aux.keys()
         c = sign * aux[k]
-        u, y = _relu_graph(sign * ins[0] - c, sign * out - c)
+        u, y = project_relu_graph(sign * ins[0] - c, sign * out - c)
         return (sign * (u + c),), sign * (y + c)
     if node.kind == "reduce_max":
         (axes,) = node.info

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ..feasibility._projections import _same_shape
+from .._shapes import same_shape
 
 
 def _max2_graph(u: Array, v: Array, y: Array) -> tuple[Array, Array, Array]:
@@ -44,7 +44,7 @@ def project_max_graph(u: ArrayLike, v: ArrayLike, y: ArrayLike) -> tuple[Array, 
     assert jnp.allclose(u, 1.5) and jnp.allclose(v, 0.0) and jnp.allclose(y, 1.5)
     ```
     """
-    return _max2_graph(*_same_shape("project_max_graph", u=u, v=v, y=y))
+    return _max2_graph(*same_shape("project_max_graph", u=u, v=v, y=y))
 
 
 def _top_k_threshold(values: Array, anchor: Array, k_min: int) -> tuple[Array, Array]:

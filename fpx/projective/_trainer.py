@@ -8,11 +8,13 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Int, PyTree
 
+from .. import _validate as checks
 from .._fixed_point import DisplacementTest, fixed_point
 from .._solution import RESULTS
-from ..feasibility._feasible_point import METHODS, _dist, _gap_tolerance, splitting
+from ..feasibility import METHODS, distance, gap_tolerance, splitting
 from ..solvers import AbstractFixedPointSolver, Picard
 from ._graph import Alias, Graph, build_graph, prepare, prepare_shared, project, project_shared
 from ._sets import project_margin, prox_cross_entropy
@@ -66,7 +68,10 @@ class Trainer(eqx.Module):
     - `warm_start`: the parameter copies of the splitting iterate carry over between
       minibatches (the other copies restart at the forward pass of the new batch).
 
-    `model` works on one sample; `x` has a leading batch axis, `y` holds integer labels.
+    `model` works on one sample; `x` has a leading batch axis, `y` holds integer labels
+    in `[0, classes)` (checked: eagerly when concrete, by `equinox.error_if` under `jit`).
+    Hyperparameters are checked at construction: `solver` an fpx solver instance, `steps`
+    a positive int, `prox_step > 0`, `anchor >= 0`, `relaxation` in (0, 2), `beta != 0`.
     `update` is a pure function (jit it). Its `info` has per-update `residual` (fixed-point
     residual of the splitting), `gap` (distance of the solution point to G), `steps`,
     `infeasible` (the displacement test flagged the minibatch as inconsistent),
@@ -104,14 +109,30 @@ class Trainer(eqx.Module):
     detect_infeasible: bool | DisplacementTest | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        if not callable(self.model):
-            raise TypeError(f"Trainer: model must be a function model(params, x), got {type(self.model).__name__}.")
+        owner = "Trainer"
+        checks.function(owner, "model", self.model, what="a function model(params, x) of one sample")
         if self.loss not in LOSSES:
             raise ValueError(f"Trainer: unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}.")
         if self.method not in METHODS or self.method == "cyclic":
             raise ValueError(f"Trainer: unknown method {self.method!r}; choose from 'dr', 'ap', 'dm'.")
-        if not (isinstance(self.steps, int) and self.steps > 0):
-            raise ValueError(f"Trainer: steps must be a positive int, got {self.steps!r}.")
+        checks.solver(owner, "solver", self.solver)
+        checks.integer(owner, "steps", self.steps, minimum=1)
+        checks.real(owner, "margin", self.margin)
+        checks.real(owner, "prox_step", self.prox_step, low=0, low_open=True,
+                    hint=" It is the step of the cross-entropy prox (larger fits the labels harder).")
+        checks.real(owner, "anchor", self.anchor, low=0,
+                    hint=" It is the weight of the current parameters in the consensus (0: none).")
+        checks.real(owner, "relaxation", self.relaxation, low=0, high=2, low_open=True, high_open=True)
+        checks.real(owner, "beta", self.beta)
+        if not isinstance(self.beta, jax.core.Tracer) and float(self.beta) == 0:
+            raise ValueError(f"`Trainer(beta=...)` must be nonzero (the difference map divides by it), got {self.beta!r}.")
+        if not isinstance(self.warm_start, (bool, np.bool_)):
+            raise TypeError(f"`Trainer(warm_start=...)` must be True or False, got {self.warm_start!r}.")
+        detect = self.detect_infeasible
+        if not (detect is None or isinstance(detect, (bool, np.bool_, DisplacementTest))):
+            raise TypeError(
+                f"`Trainer(detect_infeasible=...)` must be None, a bool or an fpx.DisplacementTest, got {detect!r}."
+            )
 
     # ------------------------------------------------------------------ public API
 
@@ -121,16 +142,15 @@ class Trainer(eqx.Module):
 
     def init(self, params: PyTree, x: PyTree, y: Int[ArrayLike, " batch"]) -> TrainerState:
         """A fresh state for minibatches shaped like `(x, y)`."""
-        graph, known = self._setup(params, x, y)
+        graph, known, _ = self._setup(params, x, y)
         return TrainerState(self._copies(graph, params, known), jnp.array(0))
 
     def update(
         self, params: PyTree, state: TrainerState, x: PyTree, y: Int[ArrayLike, " batch"]
     ) -> tuple[PyTree, TrainerState, dict[str, Any]]:
         """One projection update on a minibatch: `(params, state, info)`."""
-        y = jnp.asarray(y)
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        problem = self.problem(params, x, y)
+        problem, y = self._problem(params, x, y)
         graph, z0, project_k, project_g, counts = (
             problem.graph, problem.z0, problem.project_k, problem.project_g, problem.counts
         )
@@ -147,9 +167,12 @@ class Trainer(eqx.Module):
             operator, z0, None, solver=self.solver, max_steps=self.steps, throw=False, detect_infeasible=detect
         )
         value = point(sol.value)
-        gap = _dist(project_g, value)
-        converged = (sol.result == RESULTS.successful) & (gap <= _gap_tolerance(self.solver, value))
-        means = _means(graph, value, counts, leaves, self.anchor)
+        gap = distance(project_g, value)
+        converged = (sol.result == RESULTS.successful) & (gap <= gap_tolerance(self.solver, value))
+        # The solution point lies in K (every method's point is an output of project_k), so
+        # the copies of each parameter already agree on its anchored consensus value: read
+        # it off without anchoring a second time.
+        means = _means(graph, value, counts, leaves)
         new_leaves = [means[i].astype(jnp.result_type(leaf)) for i, leaf in enumerate(leaves)]
         new_params = jax.tree_util.tree_unflatten(treedef, new_leaves)
         logits = jax.vmap(self.model, in_axes=(None, 0))(new_params, x)
@@ -172,8 +195,10 @@ class Trainer(eqx.Module):
         (consensus and loss set) and `project_g` (every node's graph) act on pytrees shaped
         like `z0`. `update` runs a splitting on them; they are public for analysis.
         """
-        y = jnp.asarray(y)
-        graph, known = self._setup(params, x, y)
+        return self._problem(params, x, y)[0]
+
+    def _problem(self, params, x, y) -> tuple[Problem, Array]:
+        graph, known, y = self._setup(params, x, y)
         leaves = jax.tree_util.tree_leaves(params)
         z0 = self._copies(graph, params, known)
         aux = [
@@ -201,7 +226,7 @@ class Trainer(eqx.Module):
             means[graph.output] = self._loss_set(means[graph.output], y, counts[graph.output])
             return _spread(graph, means)
 
-        return Problem(graph, known, z0, project_k, project_g, counts)
+        return Problem(graph, known, z0, project_k, project_g, counts), y
 
     # ------------------------------------------------------------------ internals
 
@@ -220,7 +245,7 @@ class Trainer(eqx.Module):
             raise ValueError(f"Trainer: the model must return a vector of class scores per sample, got shape {out.shape}.")
         data = jax.tree_util.tree_leaves(x)
         known = jax.vmap(graph.known_values)(data)
-        return graph, known
+        return graph, known, _check_labels(y, out.shape[0])
 
     def _copies(self, graph: Graph, params, known):
         leaves = jax.tree_util.tree_leaves(params)
@@ -234,6 +259,26 @@ class Trainer(eqx.Module):
             return project_margin(logits, y, self.margin)
         # The copies of the output pull with weight `count`: the prox step is prox_step / count.
         return prox_cross_entropy(logits, y, self.prox_step / count[..., 0])
+
+
+def _check_labels(y: Array, classes: int) -> Array:
+    """`y` itself, once every label is known to be a class index in `[0, classes)`.
+
+    Concrete labels are checked now; traced ones (under `jit`) by `equinox.error_if`, which
+    raises when the computation runs.
+    """
+    message = (
+        f"Trainer: every label in y must be a class index in [0, {classes}) (the model returns "
+        f"{classes} class scores)"
+    )
+    if isinstance(y, jax.core.Tracer):
+        return eqx.error_if(y, jnp.any((y < 0) | (y >= classes)), message + "; a label is outside that range.")
+    values = np.asarray(y)
+    bad = np.flatnonzero((values < 0) | (values >= classes))
+    if bad.size:
+        more = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
+        raise ValueError(f"{message}; got y[{bad[0]}] = {values[bad[0]]}{more}.")
+    return y
 
 
 def _spread(graph: Graph, means: list) -> tuple:

@@ -19,7 +19,7 @@ from ._gmres import gmres
 
 class _NKState(eqx.Module):
     eta: Scalar
-    stalled: Bool[Array, ""]
+    stalls: Int[Array, ""]
     num_fn_evals: Int[Array, ""]
     num_jvps: Int[Array, ""]
     num_backtracks: Int[Array, ""]
@@ -34,6 +34,10 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
     backtracks `z + t d`, `t = 1, 1/2, ...`, until
     `|F(z + t d)| <= (1 - 1e-4 t (1 - eta)) |F(z)|`. Quadratic local convergence where
     `I - T'` is invertible, without assuming `T` is a contraction.
+
+    A step whose line search finds no decrease at all is a stall; `max_stalls` stalls in a
+    row end the solve with `RESULTS.breakdown` (the Newton direction cannot make progress,
+    e.g. `I - T'` is singular, as for a translation `T z = z + c`).
 
     Stats: `num_fn_evals` (evaluations of `fn`, the linearisation included), `num_jvps`
     (GMRES matvecs), `num_backtracks`.
@@ -53,6 +57,7 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
     restart: int = 20
     max_restarts: int = 5
     max_backtracks: int = 10
+    max_stalls: int = 3
 
     fn_evals_per_step: ClassVar[int | None] = None
 
@@ -61,6 +66,7 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
         checks.integer("NewtonKrylov", "restart", self.restart, minimum=1, maximum=10_000)
         checks.integer("NewtonKrylov", "max_restarts", self.max_restarts, minimum=1, maximum=10_000)
         checks.integer("NewtonKrylov", "max_backtracks", self.max_backtracks, minimum=0, maximum=1000)
+        checks.integer("NewtonKrylov", "max_stalls", self.max_stalls, minimum=1, maximum=1000)
 
     def init(self, fn, z0, fz0, args):
         zf, _ = ravel(z0)
@@ -68,7 +74,7 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
         zero = jnp.array(0, jnp.int32)
         return _NKState(
             eta=jnp.asarray(self.eta_max, zf.dtype),
-            stalled=jnp.array(False),
+            stalls=zero,
             num_fn_evals=one,
             num_jvps=zero,
             num_backtracks=zero,
@@ -123,11 +129,13 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
         eta = jnp.maximum(eta, 0.5 * tol / jnp.where(r_new == 0, 1.0, r_new))
         eta = jnp.clip(jnp.where(jnp.isfinite(eta), eta, self.eta_max), 0.0, self.eta_max)
         # The full line search found no decrease at all: the Newton direction is useless
-        # (GMRES failed, or I - T' is singular here) and repeating it cannot help.
-        stalled = (num_backtracks >= self.max_backtracks) & ~(r_new < res_norm) & (res_norm > 0)
+        # here (GMRES failed, or I - T' is singular). Once may be bad luck (the next point,
+        # Jacobian and forcing term differ); `max_stalls` times in a row is a breakdown.
+        stalled = ~(r_new < res_norm) & (res_norm > 0)
+        stalls = jnp.where(stalled, state.stalls + 1, 0)
         new_state = _NKState(
             eta=eta.astype(state.eta.dtype),
-            stalled=stalled,
+            stalls=stalls,
             num_fn_evals=state.num_fn_evals + 2 + num_backtracks,
             num_jvps=state.num_jvps + solve.num_matvecs,
             num_backtracks=state.num_backtracks + num_backtracks,
@@ -140,7 +148,7 @@ class NewtonKrylov(AbstractFixedPointSolver[_NKState]):
     def terminate(self, z, fz, residual_norm, state):
         converged, _ = super().terminate(z, fz, residual_norm, state)
         # Stop on breakdown only where the iterate is not already good enough.
-        broken = state.stalled & ~converged
+        broken = (state.stalls >= self.max_stalls) & ~converged
         return converged | broken, RESULTS.where(broken, RESULTS.breakdown, RESULTS.successful)
 
     def stats(self, state):

@@ -21,8 +21,7 @@ from ... import nn as fpx_nn
 from ...data import digits
 from ...adjoint import backward_probe
 from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, one_of
-from .._registry import build, set_learning_rate
-from .._runner import register_task
+from .._registry import build, register_task, set_learning_rate
 from .._task import Task, config_dtype
 
 

@@ -40,11 +40,9 @@ import numpy as np
 
 from ... import data as fpx_data
 from ... import operators as ops
-from ...operators._fno import _fourier_layer_spec
-from ...operators._operator import linear, linear_spec, make_init, mlp, mlp_spec
+from ...operators import fourier_layer_spec, linear, linear_spec, make_init, mlp, mlp_spec
 from .._config import ConfigError, NON_NEGATIVE, POSITIVE, POSITIVE_INT, one_of
-from .._registry import build, set_learning_rate
-from .._runner import register_task
+from .._registry import build, register_task, set_learning_rate
 from .._task import Task, config_dtype
 
 _UNIT_CLOSED_OPEN = (lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -132,7 +130,7 @@ class IteratedOperator(Task):
         def specs():
             return {
                 "lift": linear_spec(3, m.width),
-                "block": _fourier_layer_spec(m.width, (m.modes, m.modes)),
+                "block": fourier_layer_spec(m.width, (m.modes, m.modes)),
                 "projection": mlp_spec((m.width, m.projection_width, 1)),
             }
 

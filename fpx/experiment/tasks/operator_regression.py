@@ -40,8 +40,8 @@ import optax
 from ... import data as fpx_data
 from ... import operators as ops
 from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, ConfigError, one_of
-from .._registry import build, set_learning_rate
-from .._runner import build_task, register_task
+from .._registry import build, register_task, set_learning_rate
+from .._runner import build_task
 from .._task import Task, config_dtype
 
 _POWER_OF_TWO = (lambda v: isinstance(v, int) and v >= 1 and v & (v - 1) == 0, "a power of two")

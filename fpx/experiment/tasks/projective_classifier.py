@@ -16,8 +16,7 @@ import optax
 from ...data import digits
 from ...projective import Trainer
 from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, one_of
-from .._registry import build, set_learning_rate
-from .._runner import register_task
+from .._registry import build, register_task, set_learning_rate
 from .._task import Task, config_dtype
 
 
