@@ -19,12 +19,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/fpx run configs/quickstart.py --progress
 
+# Two worker processes: the suite is bound by XLA compilation, one core each.
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q tests
+	$(PY) -m pytest -m "not slow" -q -n 2 --durations=20 tests
 	$(PY) -m pytest -q --nbmake notebooks
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 	$(PY) -m pytest -q --nbmake notebooks
 
 bench: $(STAMP)

@@ -520,8 +520,9 @@ def test_t5_unsafeguarded_aa1_jumps_and_fails():
     )
     tr = _trace(sol)
     _close(tr[:3], [math.atan(10.0), math.atan(z1), abs(math.atan(z2))], rel=1e-12, abs_=0.0)
-    # The residual never halves from arctan(10) while |z_k| runs off: reported as diverged.
-    assert sol.result == fpx.RESULTS.diverged
+    # |z_k| runs off but the first step did improve on the starting residual
+    # (arctan(z1) < arctan(10)), so this is an honest max_steps_reached, not "diverged".
+    assert sol.result == fpx.RESULTS.max_steps_reached
     assert int(sol.stats["num_steps"]) == 30
     assert int(sol.stats["num_rejected"]) == 0
     # |z_k| -> infinity: the residual |arctan(z_k)| tends to pi/2
