@@ -24,6 +24,7 @@ from .adjoint import (
     PhantomAdjoint as PhantomAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
     backward_probe as backward_probe,
+    backward_result as backward_result,
 )
 from .solvers import (
     KM as KM,

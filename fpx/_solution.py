@@ -39,6 +39,14 @@ class RESULTS(eqx.Enumeration):
         "`fpx.KM(alpha=0.5)`); for a problem that may have no fixed point at all, pass "
         "`detect_infeasible=True` with Picard, KM or Halpern."
     )
+    backward_failed = (
+        "A linear solve of the implicit derivative (the adjoint u = J^T u + g of reverse mode, "
+        "or the tangent of forward mode) did not converge: I - dT/dz is (nearly) singular at "
+        "the fixed point or the linear iteration diverged. Use a stronger solver for it (e.g. "
+        "`ImplicitAdjoint(solver=fpx.Anderson())` or `ImplicitAdjoint(linear_solver="
+        "lineax.GMRES(rtol=1e-6, atol=1e-6))`), raise `ImplicitAdjoint(max_steps=...)`, or make "
+        "the operator more contractive."
+    )
     breakdown = (
         "The solver broke down: its Newton direction does not reduce the residual (the "
         "linear solve of (I - dT/dz) d = -(z - T(z)) failed, e.g. I - dT/dz is singular "

@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 
 from . import _validate as checks
 from ._errors import FixedPointError, unvmapped_worst
-from ._misc import tree_add, tree_sub, two_norm, unit_scale_two_norm
+from ._misc import tree_add, tree_sub, two_norm, unguarded_norm
 from ._solution import RESULTS, Solution, SolveInputs
 from .solvers import AbstractFixedPointSolver, Anderson, Halpern, NewtonKrylov
 
@@ -59,14 +59,6 @@ def _undifferentiated(forward: Forward, inputs: SolveInputs) -> Solution:
     """The forward solve with every input cut from differentiation."""
     fn, z0, args = _stop_gradient_arrays((inputs.fn, inputs.z0, inputs.args))
     return forward(dataclasses.replace(inputs, fn=fn, z0=z0, args=args))
-
-
-BACKWARD_FAILED = (
-    "I - dT/dz is (nearly) singular at the fixed point or the linear iteration diverged. "
-    "Use a stronger solver for it (e.g. `ImplicitAdjoint(solver=fpx.Anderson())` or "
-    "`ImplicitAdjoint(linear_solver=lineax.GMRES(rtol=1e-6, atol=1e-6))`), raise "
-    "`ImplicitAdjoint(max_steps=...)`, or make the operator more contractive."
-)
 
 
 class ImplicitAdjoint(AbstractAdjoint):
@@ -131,8 +123,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     def apply(self, forward, inputs):
         sol = _undifferentiated(forward, inputs)
         linear_solver = self.backward_solver(inputs.solver)
-        if linear_solver.norm is two_norm:
-            linear_solver = eqx.tree_at(lambda s: s.norm, linear_solver, unit_scale_two_norm)
+        linear_solver = eqx.tree_at(lambda s: s.norm, linear_solver, unguarded_norm(linear_solver.norm))
         config = _LinearConfig(
             forward=forward,
             solver=linear_solver,
@@ -189,9 +180,7 @@ def _first_entry(tree):
 
 def _linear_map(residuals, transposed: bool):
     """`u -> J u` (tangent problem) or `u -> Jᵀ u` (adjoint problem), `J = ∂T/∂z` at `z`."""
-    fn, z, args = residuals.unpack() if isinstance(residuals, _Packed) else residuals
-    # JAX may pass traced Python scalars back as bare floats (jaxpr literals).
-    z, args = jtu.tree_map(jnp.asarray, (z, args))
+    fn, z, args = residuals.unpack()
     if transposed:
         _, vjp = jax.vjp(lambda v: fn(v, args), z)
         return lambda u: vjp(u)[0]
@@ -263,7 +252,7 @@ def _raise_if_linear_failed(failed, num_steps, residual, reason, transposed, con
             why = f"{type(config.solver).__name__} ended with: {RESULTS._index_to_message[int(reason)]}"
         raise FixedPointError(
             f"fpx.fixed_point: the {which} failed after {int(num_steps)} steps, residual "
-            f"{float(residual):.3e} relative to the right-hand side.\n{why}\n{BACKWARD_FAILED}"
+            f"{float(residual):.3e} relative to the right-hand side.\n{why}\n{RESULTS[RESULTS.backward_failed]}"
         )
 
     any_failed, (worst_steps, worst_residual, worst_reason) = unvmapped_worst(
@@ -389,6 +378,25 @@ def backward_probe(dtype=None):
     ```
     """
     return jnp.zeros((BACKWARD_PROBE_SIZE,), dtype or jnp.result_type(float))
+
+
+def backward_result(report) -> RESULTS:
+    """The `fpx.RESULTS` member of a backward solve, from the report a `backward_probe` received.
+
+    `RESULTS.backward_failed` if any (vmapped) member's adjoint solve failed, else
+    `RESULTS.successful`. The forward `sol.result` cannot say this: the backward solve runs
+    after it, when the loss is differentiated.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    # z - z**3 + a at a = 0: dT/dz = 1 at the fixed point, so I - J is singular.
+    loss = lambda a, probe: fpx.fixed_point(lambda z, a: z - z**3 + a, jnp.zeros(2), a, throw=False,
+                                            backward_probe=probe).value.sum()
+    _, report = jax.grad(loss, argnums=(0, 1))(jnp.zeros(2), fpx.backward_probe())
+    assert fpx.backward_result(report) == fpx.RESULTS.backward_failed
+    ```
+    """
+    return RESULTS.where(jnp.asarray(report)[2] > 0, RESULTS.backward_failed, RESULTS.successful)
 
 
 class PhantomAdjoint(AbstractAdjoint):

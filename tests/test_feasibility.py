@@ -154,17 +154,17 @@ def test_bad_projections_name_the_projection_and_the_shapes():
         fpx.feasible_point(line(0.0), Z0)  # one function, not a list
     with pytest.raises(TypeError, match=r"projections\[1\] must be a function z -> P\(z\), got 3 \(int\)"):
         fpx.feasible_point([line(0.0), 3], Z0)
-    with pytest.raises(ValueError, match=r"projections\[1\] must return .* of z0, float64\[2\]; it returned float64\[1\]"):
+    with pytest.raises(ValueError, match=r"projections\[1\] must return .* of z0, f64\[2\]; it returned f64\[1\]"):
         fpx.feasible_point([line(0.0), lambda z: z[:1]], Z0)
     relu = lambda z: fpx.feasibility.project_relu_graph(z, z)  # noqa: E731  (a tuple (u', y'))
-    with pytest.raises(ValueError, match=r"projections\[0\] .* returned \(float64\[2\], float64\[2\]\)\. A projection returns one point"):
+    with pytest.raises(ValueError, match=r"projections\[0\] .* returned \(f64\[2\], f64\[2\]\)\. A projection returns one point"):
         fpx.feasible_point([relu, line(0.0)], Z0)
-    with pytest.raises(ValueError, match=r"projections\[2\] .* it returned float32\[2\]"):
+    with pytest.raises(ValueError, match=r"projections\[2\] .* it returned f32\[2\]"):
         fpx.feasible_point([line(0.0), line(1.0), lambda z: z.astype(jnp.float32)], Z0, method="cyclic")
     # A projection that fails to trace keeps its own error, with a note naming it.
     with pytest.raises(TypeError, match=r"dot_general") as info:
         fpx.feasible_point([line(0.0), lambda z: z @ jnp.ones(3)], Z0)
-    assert any("projections[1] on z0: float64[2]" in note for note in info.value.__notes__)
+    assert any("projections[1] on z0: f64[2]" in note for note in info.value.__notes__)
     with pytest.raises(TypeError, match=r"`feasible_point\(z0=\.\.\.\)` must contain floating-point arrays.*int"):
         fpx.feasible_point([line(0.0), line(1.0)], jnp.array([1, 2]))
 

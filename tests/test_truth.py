@@ -177,5 +177,17 @@ def test_every_result_code_is_produced_somewhere():
     }
     for name, sol in produced.items():
         assert sol.result == getattr(R, name), name
+    # The backward solve's own code comes from the report its probe receives.
+    loss = lambda a, probe: fpx.fixed_point(  # noqa: E731
+        lambda z, a: z - z**3 + a, jnp.zeros(2), a, throw=False, backward_probe=probe
+    ).value.sum()
+    _, report = jax.grad(loss, argnums=(0, 1))(jnp.zeros(2), fpx.backward_probe())
+    assert fpx.backward_result(report) == R.backward_failed
+    fine = lambda a, probe: fpx.fixed_point(  # noqa: E731
+        lambda z, a: 0.5 * jnp.cos(z) + a, jnp.zeros(2), a, backward_probe=probe
+    ).value.sum()
+    _, report = jax.grad(fine, argnums=(0, 1))(jnp.ones(2), fpx.backward_probe())
+    assert fpx.backward_result(report) == R.successful
+    produced["backward_failed"] = None
     listed = {name for name in R._name_to_item}
     assert listed == set(produced)

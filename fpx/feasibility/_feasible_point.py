@@ -15,7 +15,7 @@ from jaxtyping import Array, PyTree
 from .. import _validate as checks
 from .._errors import raise_if_failed
 from .._fixed_point import DisplacementTest, fixed_point
-from .._misc import tree_add, tree_scale, tree_sub
+from .._misc import same_structure, tree_add, tree_describe, tree_scale, tree_sub
 from .._solution import RESULTS, Solution
 from ..adjoint import ImplicitAdjoint
 from ..solvers import AbstractFixedPointSolver, Picard
@@ -68,17 +68,6 @@ def _check_parameters(owner: str, relaxation: Any, beta: Any) -> None:
         raise ValueError(f"`{owner}(beta=...)` must be nonzero (the difference map divides by it), got {beta!r}.")
 
 
-def _describe(tree) -> str:
-    def leaf(x):
-        if hasattr(x, "shape") and hasattr(x, "dtype"):
-            dtype = jnp.dtype(x.dtype)
-            return f"{dtype.name}{list(x.shape)}"
-        return f"{type(x).__name__} {x!r}"
-
-    described = jtu.tree_map(leaf, tree)
-    return str(described).replace("'", "") if not isinstance(described, str) else described
-
-
 def _check_z0(owner: str, z0: PyTree) -> PyTree:
     leaves, treedef = jtu.tree_flatten(z0)
     if not leaves:
@@ -106,13 +95,9 @@ def _check_outputs(owner: str, projections: tuple, z0: PyTree) -> None:
         try:
             got = eqx.filter_eval_shape(p, z0)
         except Exception as e:
-            e.add_note(f"(raised while tracing {owner}'s projections[{i}] on z0: {_describe(want)})")
+            e.add_note(f"(raised while tracing {owner}'s projections[{i}] on z0: {tree_describe(want)})")
             raise
-        same = jtu.tree_structure(got) == jtu.tree_structure(want) and all(
-            isinstance(b, jax.ShapeDtypeStruct) and a.shape == b.shape and a.dtype == b.dtype
-            for a, b in zip(jtu.tree_leaves(want), jtu.tree_leaves(got))
-        )
-        if not same:
+        if not same_structure(got, want):
             hint = ""
             if isinstance(got, tuple) and not isinstance(want, tuple):
                 hint = (
@@ -122,7 +107,7 @@ def _check_outputs(owner: str, projections: tuple, z0: PyTree) -> None:
                 )
             raise ValueError(
                 f"`{owner}(projections=...)`: projections[{i}] must return a point with the structure, "
-                f"shapes and dtypes of z0, {_describe(want)}; it returned {_describe(got)}.{hint}"
+                f"shapes and dtypes of z0, {tree_describe(want)}; it returned {tree_describe(got)}.{hint}"
             )
 
 

@@ -13,7 +13,7 @@ from jaxtyping import PyTree
 
 from .._fixed_point import fixed_point
 from .._layers import layer_stats as layer_stats
-from .._misc import tree_describe
+from .._misc import same_structure, tree_describe
 from ..adjoint import AbstractAdjoint, ImplicitAdjoint
 from ..solvers import AbstractFixedPointSolver, Anderson
 from ._cells import CellShapeError
@@ -28,13 +28,6 @@ def _describe(tree) -> str:
     return tree_describe(jax.eval_shape(lambda: tree))
 
 
-def _same_structs(a, b) -> bool:
-    """Same pytree structure, and leaf by leaf the same shape and dtype."""
-    return jtu.tree_structure(a) == jtu.tree_structure(b) and all(
-        u.shape == v.shape and u.dtype == v.dtype for u, v in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
-    )
-
-
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}"
@@ -47,7 +40,7 @@ def _zero_state(call: Callable, x: PyTree):
         out = jax.eval_shape(call, zeros, x)
     except Exception as e:  # any failure only means: no zero state of x's shape
         return None, f"`cell(zeros_like(x), x)` raised {_first_line(e)}"
-    if _same_structs(out, jax.eval_shape(lambda: zeros)):
+    if same_structure(out, jax.eval_shape(lambda: zeros)):
         return zeros, None
     return None, f"`cell(zeros_like(x), x)` returns {tree_describe(out)}"
 
@@ -86,7 +79,7 @@ def initial_state(cell, x, z0, call: Callable | None = None, what: str = "fpx.nn
             f"{what}: {name}(z, x) cannot be evaluated on the state {source}: {tree_describe(state)} and the "
             f"input x: {_describe(x)}:\n  {_first_line(e)}.\n{_expected_state(cell, call, x, z0 is not None)}"
         ) from e
-    if not _same_structs(out, state):
+    if not same_structure(out, state):
         raise ValueError(
             f"{what}: {name}(z, x) must return the state's structure, shapes and dtypes (a fixed point "
             f"z = cell(z, x)), but for the state {source}: {tree_describe(state)} and the input "

@@ -13,7 +13,7 @@ from jaxtyping import PyTree
 
 from .._fixed_point import fixed_point
 from .._layers import layer_stats
-from .._misc import tree_describe
+from .._misc import same_structure, tree_describe
 from ..adjoint import AbstractAdjoint, ImplicitAdjoint
 from ..solvers import AbstractFixedPointSolver, Anderson
 from ._operator import Operator
@@ -32,10 +32,7 @@ def _check_state_map(step: Callable, z0: PyTree, what: str, hint: str) -> None:
     except TypeError as e:
         e.add_note(f"(raised while {what} traced its operator; {hint})")
         raise
-    same = jtu.tree_structure(in_struct) == jtu.tree_structure(out_struct) and all(
-        a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jtu.tree_leaves(in_struct), jtu.tree_leaves(out_struct))
-    )
-    if not same:
+    if not same_structure(in_struct, out_struct):
         raise ValueError(
             f"{what} repeats its operator on the state, so the operator's output must have the state's "
             f"shape and dtype:\n  state:           {tree_describe(in_struct)}\n"

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 from .. import _validate as checks
-from .._misc import two_norm, unit_scale_two_norm
+from .._misc import unguarded_norm
 from .._solution import RESULTS
 
 State = TypeVar("State")
@@ -90,8 +90,7 @@ class AbstractFixedPointSolver(eqx.Module, Generic[State]):
         tolerance is inf, which never passes, so the guard is not needed for the truth of
         the result. (The residual norm, computed by the driver, keeps the guard.)
         """
-        norm = unit_scale_two_norm if self.norm is two_norm else self.norm
-        tol = self.atol + self.rtol * norm(z)
+        tol = self.atol + self.rtol * unguarded_norm(self.norm)(z)
         converged = (residual_norm <= tol) & jnp.isfinite(tol)
         return converged, RESULTS.successful
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Int, PyTree, Scalar
+from jaxtyping import Array, Int, PyTree, Scalar
 
 from .. import _validate as checks
 from .._misc import ravel, two_norm
