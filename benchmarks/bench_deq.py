@@ -27,7 +27,10 @@ Candidates, measured side by side in one run:
 7. candidate 3 with `fixed_point`'s default `throw=True` (every other candidate runs with
    `throw=False`), to show what the run-time failure check costs under `vmap`;
 8. candidate 3 with rtol and atol divided by 10, whose gradient error is about that of
-   optimistix at the nominal tolerances (optimistix's elementwise tests are stricter).
+   optimistix at the nominal tolerances (optimistix's elementwise tests are stricter);
+9. fpx `ReversibleAdjoint(beta=0.8)`: its own coupled iteration forward (two evaluations
+   per step, Picard's stopping test) and the reversed iteration backward (the exact
+   gradient of the computed iterate up to rounding amplified by the reversal).
 
 In every candidate the input injection `c = U x + b` is computed once, outside the solve
 (it does not depend on `z`), and the solve sees `T(z) = tanh(W z + c)`; gradients reach
@@ -100,7 +103,8 @@ FPX_JFB = "fpx Picard + JFBAdjoint"
 FPX_PH = "fpx Picard + PhantomAdjoint(5, 0.5)"
 FPX_THROW = "fpx Picard + ImplicitAdjoint, throw=True"
 FPX_TIGHT = "fpx Picard + ImplicitAdjoint, rtol/10"
-CANDIDATES = (HAND_B, HAND_S, FPX_PIC, FPX_AND, OPTX, FPX_TIGHT, FPX_JFB, FPX_PH, FPX_THROW)
+FPX_REV = "fpx ReversibleAdjoint(0.8)"
+CANDIDATES = (HAND_B, HAND_S, FPX_PIC, FPX_AND, OPTX, FPX_TIGHT, FPX_JFB, FPX_PH, FPX_REV, FPX_THROW)
 HANDS = (HAND_B, HAND_S)
 EXACT = (HAND_B, HAND_S, FPX_PIC, FPX_AND, OPTX)  # candidates that solve the adjoint equation
 PICARD_EXACT = (HAND_B, HAND_S, FPX_PIC, OPTX)  # Picard forward, exact-gradient backward
@@ -359,6 +363,14 @@ def build(cfg):
     picard = fpx.Picard(**tol)
     add(FPX_JFB, make_fpx(picard, fpx.JFBAdjoint(), max_steps), fixed_bwd_steps=1)
     add(FPX_PH, make_fpx(picard, fpx.PhantomAdjoint(steps=5, damping=0.5), max_steps), fixed_bwd_steps=5)
+    reversible = make_fpx(picard, fpx.ReversibleAdjoint(beta=0.8), max_steps)
+
+    def reversed_steps(params, xs, z, loss_fn=reversible):
+        # The backward pass reverses exactly the forward's coupled steps, per member.
+        k = loss_fn(params, xs)[1]["fwd_steps"]
+        return k, jnp.ones(k.shape, bool)
+
+    add(FPX_REV, reversible, reversed_steps)
     return dict(sorted(out.items(), key=lambda item: CANDIDATES.index(item[0])))
 
 
@@ -477,6 +489,7 @@ SHORT = {
     OPTX: "optimistix FPI + GMRES",
     FPX_JFB: "fpx Picard, JFB",
     FPX_PH: "fpx Picard, Phantom(5, 0.5)",
+    FPX_REV: "fpx Reversible(0.8) (2 evals per step)",
     FPX_THROW: "fpx Picard, Implicit, `throw=True`",
     FPX_TIGHT: "fpx Picard, Implicit, rtol and atol / 10",
 }

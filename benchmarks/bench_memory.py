@@ -6,6 +6,7 @@ solve actually runs long) and reads XLA's `memory_analysis().temp_size_in_bytes`
 
 - fpx ImplicitAdjoint (the default): should be flat in max_steps;
 - fpx UnrolledAdjoint (equinox checkpointed while loop);
+- fpx ReversibleAdjoint (reversed coupled iteration, no stored trajectory): should be flat;
 - a plain `lax.scan` unrolled for max_steps steps (stores every iterate).
 
 Writes benchmarks/results/bench_memory.json, prints a markdown table and replaces the
@@ -113,6 +114,7 @@ def main(argv=None):
         row = {"max_steps": max_steps}
         row["fpx ImplicitAdjoint"] = temp_bytes(fpx_loss(fpx.ImplicitAdjoint(), max_steps), params, xs)
         row["fpx UnrolledAdjoint (checkpointed)"] = temp_bytes(fpx_loss(fpx.UnrolledAdjoint(), max_steps), params, xs)
+        row["fpx ReversibleAdjoint"] = temp_bytes(fpx_loss(fpx.ReversibleAdjoint(), max_steps), params, xs)
         row["lax.scan unrolled"] = temp_bytes(scan_loss(max_steps), params, xs)
         rows.append(row)
         print(row, flush=True)

@@ -22,6 +22,7 @@ from .adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
     JFBAdjoint as JFBAdjoint,
     PhantomAdjoint as PhantomAdjoint,
+    ReversibleAdjoint as ReversibleAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
     backward_probe as backward_probe,
     backward_result as backward_result,
@@ -34,6 +35,7 @@ from .solvers import (
     Halpern as Halpern,
     NewtonKrylov as NewtonKrylov,
     Picard as Picard,
+    SQUAREM as SQUAREM,
 )
 
 __version__ = "0.1.0"

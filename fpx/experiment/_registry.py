@@ -33,11 +33,13 @@ _SOLVERS: dict[str, Callable] = {
     "anderson": _solvers.Anderson,
     "broyden": _solvers.Broyden,
     "newton_krylov": _solvers.NewtonKrylov,
+    "squarem": _solvers.SQUAREM,
 }
 _ADJOINTS: dict[str, Callable] = {
     "implicit": _adjoint.ImplicitAdjoint,
     "jfb": _adjoint.JFBAdjoint,
     "phantom": _adjoint.PhantomAdjoint,
+    "reversible": _adjoint.ReversibleAdjoint,
     "unrolled": _adjoint.UnrolledAdjoint,
 }
 SOLVERS: Mapping[str, Callable] = MappingProxyType(_SOLVERS)

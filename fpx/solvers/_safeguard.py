@@ -10,7 +10,6 @@ step late keeps every step at exactly one evaluation of `fn` (no `lax.cond`, whi
 
 from __future__ import annotations
 
-import abc
 from typing import ClassVar
 
 import equinox as eqx
@@ -68,13 +67,15 @@ class AbstractMemorySolver(AbstractFixedPointSolver[MemoryState]):
             num_accepted=int0,
         )
 
-    @abc.abstractmethod
+    # Hooks of the generic `step` below (Broyden). Anderson overrides `init` and `step`
+    # with a specialised form of the same rules (see `fpx.solvers._anderson`).
     def _new_pair(self, state: MemoryState, dz, dg) -> tuple[Array, Array, Bool[Array, ""]]:
         """Memory columns to store for the secant pair (dz, dg), and whether to store them."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def _propose(self, state: MemoryState) -> Array:
         """Next iterate from `state.z_acc`, `state.g_acc` and the memory."""
+        raise NotImplementedError
 
     def step(self, fn, z, fz, args, state):
         zf, unravel = ravel(z)
