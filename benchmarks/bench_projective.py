@@ -14,9 +14,12 @@ Usage:
     .venv/bin/python benchmarks/bench_projective.py            # all methods, 3 seeds (~20 min on 2 cores)
     .venv/bin/python benchmarks/bench_projective.py --quick    # 2 methods, 1 seed, 100 updates
     .venv/bin/python benchmarks/bench_projective.py --timing   # ms/update of every method, 60 updates (~4 min)
+    .venv/bin/python benchmarks/bench_projective.py --update-committed   # regenerate the committed results
 
-Writes `benchmarks/results/bench_projective[_quick].json`; the full run also updates the
-projective section of BENCHMARKS.md.
+Writes `bench_projective[_quick|_timing].json` and the markdown tables (`.md`) into `--out DIR`
+(default `runs/bench_projective/`); the committed `benchmarks/results/*.json` (and, for the
+full run, the projective section of BENCHMARKS.md) change only with `--update-committed`.
+`experiments/projective/figures.py DIR` draws the curves from that JSON.
 """
 
 from __future__ import annotations
@@ -171,6 +174,11 @@ def main(argv=None):
     parser.add_argument(
         "--timing", action="store_true", help="60 updates per method, split seed 0: ms/update on a quiet machine only"
     )
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_projective", help="output directory (default: runs/bench_projective)")
+    parser.add_argument(
+        "--update-committed", action="store_true",
+        help="write the JSON into benchmarks/results (and the full run's tables into BENCHMARKS.md) instead",
+    )
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.updates, opts.seeds, opts.methods, opts.budgets = 100, [0], ["dr", "adam"], []
@@ -193,12 +201,17 @@ def main(argv=None):
     summary = summarise(rows)
     text = markdown(summary, budget_rows, info, opts.updates, opts.anchor)
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS if opts.update_committed else opts.out
+    out.mkdir(parents=True, exist_ok=True)
     name = "bench_projective_quick" if opts.quick else "bench_projective_timing" if opts.timing else "bench_projective"
-    out = RESULTS / f"{name}.json"
-    out.write_text(json.dumps({"machine": info, "options": vars(opts), "summary": summary, "runs": rows, "budget": budget_rows}, indent=1))
-    if not (opts.quick or opts.timing):
+    options = {k: v for k, v in vars(opts).items() if k not in ("out", "update_committed")}  # what was measured
+    (out / f"{name}.json").write_text(json.dumps({"machine": info, "options": options, "summary": summary, "runs": rows, "budget": budget_rows}, indent=1))
+    print(f"wrote {out / f'{name}.json'}")
+    if not opts.update_committed:
+        (out / f"{name}.md").write_text(text)
+    elif not (opts.quick or opts.timing):
         update_markdown_section(text, BEGIN, END, "## Projection-based training (`bench_projective.py`)")
+        print("updated BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -74,12 +74,12 @@ def cmd_run(args, overrides, slurm) -> int:
     _maybe_initialize_distributed()
     summary = run(
         args.config, overrides, workdir=args.workdir, sweep_shard=args.sweep_shard, sweep_chunk=args.sweep_chunk,
-        progress=True if args.progress else None,
+        progress=False if args.quiet else (True if args.progress else None), resume_from=args.resume_from,
     )
-    from .experiment import markdown_table
+    from .experiment import collect, markdown_table
 
-    rows = [{"run": summary.get("name", ""), **r} for r in summary["members"]]
-    print(markdown_table(rows))
+    collection = collect([summary["workdir"]])
+    print(markdown_table(collection.rows, headline=collection.headline))
     if summary.get("ms_per_step"):
         print(f"\n{summary['ms_per_step']:.1f} ms per (vmapped) training step; compile {summary['compile_s']:.1f} s")
     print(f"run directory: {summary['workdir']} (metrics.jsonl, summary.json, plots/)")
@@ -98,7 +98,15 @@ def _literal(text: str):
 def cmd_report(args) -> int:
     from .experiment import report
 
-    print(report(args.dirs, out=args.out))
+    import warnings
+
+    from .experiment import ReportWarning
+
+    with warnings.catch_warnings(record=True) as caught:  # shown once, below, not twice
+        warnings.simplefilter("always", ReportWarning)
+        print(report(args.dirs, out=args.out, strict=args.strict))
+    for w in caught:
+        print(f"fpx: warning: {w.message}", file=sys.stderr)
     print(f"\nwrote {pathlib.Path(args.out or args.dirs[0]) / 'report.md'} and plots/")
     return 0
 
@@ -136,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--workdir", help="run directory (default runs/<name>/<timestamp>); an existing one is resumed")
     p_run.add_argument("--sweep_shard", help="i/n: run only slice i of n of the sweep")
     p_run.add_argument("--sweep_chunk", type=int, help="train k sweep members at a time (memory guard)")
-    p_run.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    p_run.add_argument("--progress", action="store_true", help="a progress bar even when not on a terminal (default there: a line per evaluation)")
+    p_run.add_argument("--quiet", action="store_true", help="no progress output")
+    p_run.add_argument(
+        "--resume_from", choices=["latest", "previous", "scratch"], default="latest",
+        help="on an existing workdir: the newest checkpoint (default; a corrupt one is refused), the newest "
+        "intact one (previous), or none (scratch: discard earlier metrics and checkpoints)",
+    )
     p_run.add_argument("--launcher", choices=["local", "submitit"], default="local")
     p_run.add_argument("--shards", type=int, default=1, help="with --launcher=submitit: number of array tasks")
     p_run.add_argument("--submitit_cluster", default=None, help="submitit cluster: None (auto: slurm if available), 'local', 'debug'")
@@ -145,14 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     p_rep = sub.add_parser("report", help="merge run directories (and sweep shards) into a table and plots")
     p_rep.add_argument("dirs", nargs="+")
     p_rep.add_argument("--out", help="where to write report.md and plots/ (default: the first dir)")
+    p_rep.add_argument("--strict", action="store_true", help="a missing shard or a partial run is an error (exit 2), not a warning")
     p_list = sub.add_parser("list", help="list the experiment configs")
     p_list.add_argument("--root", default="configs")
+    for p in (p_run, p_rep, p_list):
+        p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
     args, extra = parser.parse_known_args(argv)
     overrides, slurm, unknown = _split_overrides(extra)
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)} (config overrides look like --config.key=value)")
-    from .experiment import ConfigError
+    from .experiment import ConfigError, RunDirectoryError
 
     try:
         if args.command == "run":
@@ -160,9 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return cmd_report(args)
         return cmd_list(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, RunDirectoryError, FileNotFoundError) as e:
+        if args.debug:
+            raise
         print(f"fpx: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("fpx: interrupted; run the same command again to resume from the last checkpoint.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ of applications of the block changes (`deq`: solved to its fixed point, implicit
 gradients). See `fpx/experiment/tasks/iterated_operator.py` and
 `experiments/operators/README.md`.
 
-Presets: `quick` (CI, seconds), `default` (2-core CPU, ~10 min for all variants and
-seeds), `full` (larger, not run on CPU).
+Presets: `quick` (CI, seconds); `default` (2 seeds, 400 steps: on a shared 2-core CPU about
+4-5 min for k1, k2, k4, k8 together and 13-15 min for `deq`, ~20 min in all, see
+experiments/operators/README.md "Cost"; more on a busier machine); `full` (larger, not run on CPU).
+The variants run cheap-first (`variant_order`: k1, k2, k4, k8, deq), so the k results exist
+long before the DEQ finishes.
 """
 
 import ml_collections
@@ -50,6 +53,7 @@ def get_config(arg=None):
         {"steps": 400, "eval_every": 100, "checkpoint_every": 200, "max_to_keep": 2, "lr_schedule": "cosine"}
     )
     c.variants = _variants(VARIANTS)
+    c.variant_order = list(VARIANTS)  # cheap first: a ConfigDict would sort them (deq first)
     c.sweep = ml_collections.ConfigDict({"seed": [0, 1]})
     if preset == "quick":
         c.data.update({"n_train": 16, "n_test": 8, "s": 17, "stride": 1, "batch_size": 4})

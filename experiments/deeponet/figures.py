@@ -1,11 +1,12 @@
-"""Figures of a `deeponet_antiderivative` run: `python experiments/deeponet/figures.py RUN_DIR [OUT_DIR]`.
+"""Figures of a `deeponet_antiderivative` run: `python experiments/deeponet/figures.py RUN_DIR [--out DIR | --update-committed]`.
 
-Writes `antiderivative.png`: the learning curve (training-batch and test MSE) and, for three
-test functions, the input `v` and the prediction of `G(v) = int_0^y v` against the truth.
+Writes `antiderivative.png` (the learning curve: training-batch and test MSE; for three
+test functions the input `v` and the prediction of `G(v) = int_0^y v` against the truth)
+into RUN_DIR, or `--out DIR`; only `--update-committed` overwrites the committed
+`experiments/deeponet/antiderivative.png`.
 """
 
 import pathlib
-import sys
 
 import matplotlib
 
@@ -51,4 +52,12 @@ def main(workdir, out):
 
 
 if __name__ == "__main__":
-    main(pathlib.Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else pathlib.Path(__file__).parent)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip('"'))
+    parser.add_argument("workdir", type=pathlib.Path, help="an `fpx run` directory of configs/deeponet/...")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=pathlib.Path, help="directory for antiderivative.png (default: RUN_DIR)")
+    where.add_argument("--update-committed", action="store_true", help="overwrite the committed experiments/deeponet/antiderivative.png")
+    args = parser.parse_args()
+    main(args.workdir, pathlib.Path(__file__).parent if args.update_committed else args.out or args.workdir)

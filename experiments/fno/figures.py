@@ -1,12 +1,12 @@
-"""Figures of an `fno_burgers` run: `python experiments/fno/figures.py RUN_DIR [OUT_DIR]`.
+"""Figures of an `fno_burgers` run: `python experiments/fno/figures.py RUN_DIR [--out DIR | --update-committed]`.
 
-Writes `burgers.png`: the learning curve (train / test / zero-shot relative L2 per epoch) and
+Writes `burgers.png` (the learning curve: train / test / zero-shot relative L2 per epoch;
 the prediction against the truth for two test functions at the training resolution and
-zero-shot at the evaluation resolution.
+zero-shot at the evaluation resolution) into RUN_DIR, or `--out DIR`; only
+`--update-committed` overwrites the committed `experiments/fno/burgers.png`.
 """
 
 import pathlib
-import sys
 
 import matplotlib
 
@@ -54,4 +54,12 @@ def main(workdir, out):
 
 
 if __name__ == "__main__":
-    main(pathlib.Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else pathlib.Path(__file__).parent)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip('"'))
+    parser.add_argument("workdir", type=pathlib.Path, help="an `fpx run` directory of configs/fno/...")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=pathlib.Path, help="directory for burgers.png (default: RUN_DIR)")
+    where.add_argument("--update-committed", action="store_true", help="overwrite the committed experiments/fno/burgers.png")
+    args = parser.parse_args()
+    main(args.workdir, pathlib.Path(__file__).parent if args.update_committed else args.out or args.workdir)

@@ -1,4 +1,4 @@
-"""Tables and figure of `iterated_operator` runs: `python experiments/operators/figures.py RUN_DIR [RUN_DIR ...] [--out DIR]`.
+"""Tables and figure of `iterated_operator` runs: `python experiments/operators/figures.py RUN_DIR [RUN_DIR ...] [--out DIR | --update-committed]`.
 
 With several run directories, a variant found in a later one replaces the earlier one's
 (e.g. a re-run of only the `deq` variant).
@@ -8,6 +8,8 @@ and writes `iterations.png`: final test / train relative L2 against the number o
 applications k (the DEQ drawn at its mean number of forward solver steps), the test error
 over training, and (from the final checkpoints) the test error of every trained model when
 its block is applied j = 1 ... 32 times at test time, with the fixed-point residual of z_j.
+The figure goes into the first RUN_DIR, or `--out DIR`; only `--update-committed`
+overwrites the committed `experiments/operators/iterations.png`.
 """
 
 import json
@@ -214,7 +216,9 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+")
-    parser.add_argument("--out", default=pathlib.Path(__file__).parent)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=pathlib.Path, help="directory for iterations.png (default: the first RUN_DIR)")
+    where.add_argument("--update-committed", action="store_true", help="overwrite the committed experiments/operators/iterations.png")
     parser.add_argument("--no-timing", dest="timing", action="store_false", help="skip the back-to-back step timing")
     args = parser.parse_args()
-    main(args.workdirs, args.out, args.timing)
+    main(args.workdirs, pathlib.Path(__file__).parent if args.update_committed else args.out or args.workdirs[0], args.timing)

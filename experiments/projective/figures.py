@@ -1,6 +1,12 @@
-"""Test-accuracy curves of the projective-training benchmark (reads benchmarks/results/bench_projective.json).
+"""Test-accuracy curves of the projective-training benchmark (`benchmarks/bench_projective.py`).
 
-    .venv/bin/python experiments/projective/figures.py
+    .venv/bin/python experiments/projective/figures.py [RESULTS_DIR] [--out DIR | --update-committed]
+
+Reads `RESULTS_DIR/bench_projective.json` (default `runs/bench_projective`, where the benchmark
+writes; `benchmarks/results` holds the committed one) and, if present, the quiet-machine
+timing pass `bench_projective_timing.json`. Writes `curves.png` into RESULTS_DIR (into
+`runs/bench_projective` when reading the committed results), or `--out DIR`; only
+`--update-committed` overwrites the committed `experiments/projective/curves.png`.
 """
 
 import json
@@ -15,8 +21,12 @@ import numpy as np  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def main():
-    results = ROOT / "benchmarks" / "results"
+COMMITTED = ROOT / "benchmarks" / "results"
+DEFAULT = ROOT / "runs" / "bench_projective"
+
+
+def main(results=DEFAULT, out=None):
+    results = pathlib.Path(results)
     data = json.loads((results / "bench_projective.json").read_text())
     # Times from the quiet-machine timing pass when there is one (the full run shares the CPU).
     timing_file = results / "bench_projective_timing.json"
@@ -37,10 +47,19 @@ def main():
     ax_time.set_xscale("log")
     ax_updates.legend(fontsize=8)
     fig.tight_layout()
-    out = pathlib.Path(__file__).with_name("curves.png")
-    fig.savefig(out)
-    print(out)
+    out = pathlib.Path(out or (DEFAULT if results.resolve() == COMMITTED else results))
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "curves.png")
+    print(out / "curves.png")
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Test-accuracy curves of benchmarks/bench_projective.py's results.")
+    parser.add_argument("results", nargs="?", type=pathlib.Path, default=DEFAULT, help="directory of bench_projective.json (default: runs/bench_projective)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=pathlib.Path, help="directory for curves.png")
+    where.add_argument("--update-committed", action="store_true", help="overwrite the committed experiments/projective/curves.png")
+    args = parser.parse_args()
+    main(args.results, pathlib.Path(__file__).parent if args.update_committed else args.out)

@@ -20,7 +20,13 @@ from ._registry import (
     load_tasks as load_tasks,
     register_task as register_task,
 )
-from ._report import REPORT_COLUMNS as REPORT_COLUMNS, markdown_table as markdown_table, report as report
+from ._report import (
+    REPORT_COLUMNS as REPORT_COLUMNS,
+    ReportWarning as ReportWarning,
+    collect as collect,
+    markdown_table as markdown_table,
+    report as report,
+)
 from ._runner import (
     build_task as build_task,
     expand_sweep as expand_sweep,
@@ -28,5 +34,11 @@ from ._runner import (
     read_metrics as read_metrics,
     resolve_config as resolve_config,
     run as run,
+)
+from ._rundir import (
+    RunDirectoryError as RunDirectoryError,
+    RunLock as RunLock,
+    read_json as read_json,
+    read_jsonl as read_jsonl,
 )
 from ._task import Task as Task

@@ -43,18 +43,36 @@ def config_module(path: pathlib.Path):
 def load_config(spec: str) -> ConfigDict:
     """Load `path/to/config.py[:preset]` by calling its `get_config(preset)`."""
     path, preset = split_spec(spec)
+    if path.is_dir():
+        raise ConfigError(f"config {str(path)!r} is a directory; give a config file, e.g. {path}/<name>.py (`fpx list --root {path}`).")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist (run `fpx list` for the available configs).")
-    module = config_module(path)
+    try:
+        module = config_module(path)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}.") from None
+    except Exception as e:  # noqa: BLE001  (the user's file: name it and what it raised)
+        raise ConfigError(f"config file {path} cannot be imported: {_raised(e)}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no `get_config(arg)` function.")
     presets = getattr(module, "PRESETS", None)
     if presets is not None and preset is not None and preset not in presets:
         raise ConfigError(f"{path} has no preset {preset!r}; presets: {', '.join(presets)}.{_nearest(preset, presets)}")
-    config = module.get_config(preset)
+    try:
+        config = module.get_config(preset)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path}: get_config({preset!r}) raised {_raised(e)}") from None
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(config).__name__}.")
     return config
+
+
+def _raised(e: BaseException) -> str:
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(str(pathlib.Path(__file__).parent))]
+    where = f" (at {pathlib.Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def _nearest(key: str, candidates) -> str:
@@ -74,10 +92,15 @@ def leaf_paths(config: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 def _parse_value(text: str):
+    """A Python literal; a bare word is a string, also inside a list (`[anderson,km]`)."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text
+        pass
+    inner = text.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        return [_parse_value(item.strip()) for item in inner[1:-1].split(",") if item.strip()]
+    return text
 
 
 def check_type(path: str, old, new):
@@ -197,24 +220,39 @@ def one_of(*values) -> tuple[Check, str]:
 def check_values(config: ConfigDict, constraints: Mapping[str, tuple[Check, str]]) -> None:
     paths = leaf_paths(config.to_dict())
     for path, (check, allowed) in constraints.items():
-        if path in paths and not check(paths[path]):
+        if path in paths and not _passes(check, paths[path]):
             raise ConfigError(f"config key {path!r} = {paths[path]!r} is not allowed: it must be {allowed}.")
         for sweep_value in _sweep_values_for(config, path):
-            if not check(sweep_value):
+            if not _passes(check, sweep_value):
                 raise ConfigError(f"sweep value {sweep_value!r} for {path!r} is not allowed: it must be {allowed}.")
 
 
-def resolve_sweep_key(config: ConfigDict, key: str) -> str:
-    """`lr` -> `optim.lr`: a sweep key is a full path or a leaf name that is unique."""
+def _passes(check: Check, value) -> bool:
+    try:
+        return bool(check(value))
+    except TypeError:  # e.g. a string where a number is needed
+        return False
+
+
+def resolve_sweep_key(config: ConfigDict, key: str, what: str = "sweep key") -> str:
+    """`lr` -> `optim.lr`: a sweep key is a full path or a leaf name that is unique.
+
+    `section.argument` of a registry section (`solver.memory`) is taken as it is: the
+    constructor the member's config names checks it (`member_config`)."""
+    from ._registry import REGISTRIES
+
     paths = [p for p in leaf_paths(config.to_dict()) if not p.startswith(("sweep.", "variants."))]
     if key in paths:
+        return key
+    section, _, argument = key.partition(".")
+    if section in REGISTRIES and section in config and argument and "." not in argument:
         return key
     matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise ConfigError(f"unknown sweep key {key!r}: no config key has that name.{_nearest(key, [p.rsplit('.', 1)[-1] for p in paths])}")
-    raise ConfigError(f"sweep key {key!r} is ambiguous: write the full path, one of {', '.join(matches)}.")
+        raise ConfigError(f"unknown {what} {key!r}: no config key has that name.{_nearest(key, [p.rsplit('.', 1)[-1] for p in paths])}")
+    raise ConfigError(f"{what} {key!r} is ambiguous: write the full path, one of {', '.join(matches)}.")
 
 
 def sweep_items(config: ConfigDict) -> list[tuple[str, list]]:

@@ -33,6 +33,19 @@ from ._config import (
     sweep_items,
 )
 from ._registry import REGISTRIES, TASKS, build, load_tasks
+from ._task import task_headline
+from ._rundir import (
+    RunDirectoryError,
+    RunLock,
+    append_lines,
+    atomic_write_json,
+    atomic_write_text,
+    prune_manifests,
+    read_json,
+    read_jsonl,
+    verify_manifest,
+    write_manifest,
+)
 
 
 def build_task(config: ConfigDict):
@@ -57,13 +70,13 @@ def validate(config: ConfigDict, schema: Mapping) -> None:
     for key in ("experiment", "seed", "train", "sweep"):
         if key not in config:
             raise ConfigError(f"config has no {key!r} entry; every experiment config needs it.")
-    free = set(REGISTRIES) | {"sweep", "variants"}
+    free = set(REGISTRIES) | {"sweep", "variants", "variant_order"}
     plain = {k: v for k, v in config.to_dict().items() if k not in free}
     check_keys(plain, {k: v for k, v in schema.items() if k not in free})
+    defaults = leaf_paths(config.to_dict())
     for name, assignment in variant_items(config):
         for path, value in assignment.items():
-            check_type(f"variants.{name}.{path}", get_path(config.to_dict(), path), value)
-        member_config(config, assignment)
+            check_type(f"variants.{name}.{path}", defaults.get(path), value)
     for section in REGISTRIES:
         if section in config:
             build(section, config[section].to_dict())  # checks names, arguments and values
@@ -75,9 +88,17 @@ def validate(config: ConfigDict, schema: Mapping) -> None:
     for path, values in sweep_items(config):
         if not values:
             raise ConfigError(f"sweep over {path!r} has no values.")
-        default = get_path(config.to_dict(), path)
+        default = defaults.get(path)
         for v in values:
             check_type(f"sweep value for {path}", default, v)
+    # Every member, before anything trains: a bad value in the last member of a sweep must
+    # not surface after the others have run.
+    for assignment in expand_sweep(config):
+        try:
+            check_values(member_config(config, assignment), constraints)
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
+            raise ConfigError(f"sweep member ({shown}): {e}") from None
     train = config.train
     for key in ("steps", "eval_every"):
         if not (isinstance(train[key], int) and train[key] >= 1):
@@ -96,15 +117,27 @@ VARIANT = "variant"
 
 
 def variant_items(config: ConfigDict) -> list[tuple[str, dict[str, Any]]]:
-    """`config.variants`: named sets of overrides (e.g. `mlp: {model: {kind: "mlp"}}`)."""
+    """`config.variants`: named sets of overrides (e.g. `mlp: {model: {kind: "mlp"}}`), in
+    the order of `config.variant_order` if given (a ConfigDict sorts its keys), else by name."""
     variants = config.get("variants", None)
     if not variants:
         return []
+    names = list(variants.keys())
+    order = config.get("variant_order", None)
+    if order is not None:
+        order = list(order)
+        if sorted(order) != sorted(names):
+            raise ConfigError(
+                f"'variant_order' {order} must name every variant exactly once: {', '.join(sorted(names))}."
+            )
+        names = order
     out = []
-    for name, assignment in variants.items():
+    for name in names:
+        assignment = variants[name]
         if not isinstance(assignment, (Mapping, ConfigDict)):
             raise ConfigError(f"variants.{name} must be a dict of config overrides, got {assignment!r}.")
-        out.append((name, {resolve_sweep_key(config, k): v for k, v in leaf_paths(assignment.to_dict()).items()}))
+        flat = leaf_paths(assignment.to_dict()) if isinstance(assignment, ConfigDict) else leaf_paths(assignment)
+        out.append((name, {resolve_sweep_key(config, k, what=f"key of variant {name!r}"): v for k, v in flat.items()}))
     return out
 
 
@@ -142,25 +175,73 @@ def shard_members(num_members: int, shard: tuple[int, int] | None) -> list[int]:
     return [m for m in range(num_members) if m % n == i]
 
 
-class _Writer:
+class _Metrics:
+    """`metrics.jsonl`: whole lines appended per evaluation, reconciled with each unit's
+    checkpoint on resume (see `reconcile`)."""
+
     def __init__(self, workdir: pathlib.Path):
         self.path = workdir / "metrics.jsonl"
 
-    def truncate(self, unit: int, after_step: int) -> None:
-        """Drop lines of `unit` beyond `after_step` (written after the last checkpoint)."""
+    def reconcile(self, unit: int, members: Sequence[int], step: int, every: int) -> list[str]:
+        """Make the lines of `unit` exactly one per (member, evaluation step) up to `step`.
+
+        Lines after `step` (written after the checkpoint resumed from) and a half-written
+        last line are dropped, exact duplicates are dropped; a missing line, or two
+        different lines for one (member, step), is a `RunDirectoryError` naming them: the
+        checkpoint cannot recreate them. Returns notes on what was repaired.
+        """
         if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and not _later(json.loads(line), unit, after_step)]
-        self.path.write_text("".join(line + "\n" for line in keep))
+            records = []
+        else:
+            text = self.path.read_text()
+            records = read_jsonl(self.path, tolerate_partial_tail=True)
+        notes = []
+        if self.path.exists() and text and not text.endswith("\n"):
+            notes.append(f"dropped the half-written last line of {self.path.name}")
+        kept, seen, dropped_later, duplicates = [], {}, 0, 0
+        for r in records:
+            if r.get("unit") != unit:
+                kept.append(r)
+                continue
+            key = (r.get("member"), r.get("step"))
+            if not isinstance(key[1], int) or key[1] > step:
+                dropped_later += 1
+                continue
+            if key in seen:
+                if seen[key] != r:
+                    raise RunDirectoryError(
+                        f"{self.path} holds two different records for member {key[0]} at step {key[1]}; "
+                        "this run directory was written by two runs. Start over with --resume_from=scratch."
+                    )
+                duplicates += 1
+                continue
+            seen[key] = r
+            kept.append(r)
+        expected = {(m, s) for m in members for s in range(every, step + 1, every)}
+        missing, unexpected = sorted(expected - set(seen)), sorted(set(seen) - expected, key=repr)
+        if missing or unexpected:
+            problem = (f"lacks the records of {_describe_keys(missing)}" if missing
+                       else f"holds records no member of unit {unit} writes: {_describe_keys(unexpected)}")
+            raise RunDirectoryError(
+                f"{self.path} {problem}, but the checkpoint of unit {unit} is at step {step}: resuming would "
+                "lose them. Recompute the whole run with --resume_from=scratch (runs are deterministic), "
+                "or restore metrics.jsonl."
+            )
+        if dropped_later:
+            notes.append(f"dropped {dropped_later} line(s) of unit {unit} written after its checkpoint at step {step}")
+        if duplicates:
+            notes.append(f"dropped {duplicates} duplicated line(s) of unit {unit}")
+        if notes:
+            atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        return notes
 
     def append(self, records: Sequence[dict]) -> None:
-        with self.path.open("a") as f:
-            for r in records:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
+        append_lines(self.path, records)
 
 
-def _later(record, unit, step):
-    return record["unit"] == unit and record["step"] > step
+def _describe_keys(keys: Sequence[tuple], limit: int = 6) -> str:
+    shown = ", ".join(f"(member {m}, step {s})" for m, s in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _to_python(x):
@@ -177,11 +258,64 @@ def _sweep_sharding(num: int):
     return NamedSharding(mesh, PartitionSpec("sweep")), padded
 
 
-def _progress(total: int, enabled: bool | None, desc: str):
-    from tqdm.auto import tqdm
+RESUME_FROM = ("latest", "previous", "scratch")
 
-    disable = not (enabled if enabled is not None else sys.stderr.isatty())
-    return tqdm(total=total, desc=desc, unit="step", disable=disable, leave=True, dynamic_ncols=True)
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one line per evaluation on stderr (logs of
+    batch jobs); or nothing."""
+
+    def __init__(self, total: int, mode: str, name: str):
+        self.mode, self.name, self.total, self.done = mode, name, total, 0
+        self.bar = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=name, unit="step", leave=True, dynamic_ncols=True)
+
+    def advance(self, steps: int, line: str | None = None) -> None:
+        self.done += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+        elif self.mode == "lines" and line:
+            print(f"{self.name}: {line}", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        if self.mode != "off":
+            (self.bar.write if self.bar is not None else lambda t: print(t, file=sys.stderr, flush=True))(f"{self.name}: {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_mode(progress: bool | None) -> str:
+    if progress is None:
+        return "bar" if sys.stderr.isatty() else "lines"
+    return "bar" if progress else "off"
+
+
+def _prepare_workdir(workdir: pathlib.Path) -> pathlib.Path:
+    for parent in [workdir, *workdir.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "is a file" if parent == workdir else f"is below the file {parent}"
+            raise RunDirectoryError(f"--workdir {workdir} {what}; a run directory must be a directory.")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirectoryError(f"cannot create --workdir {workdir}: {e.strerror}.") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise RunDirectoryError(f"--workdir {workdir} is not writable; choose another directory.")
+    return workdir
+
+
+def _start_over(workdir: pathlib.Path) -> None:
+    """`--resume_from=scratch`: forget the metrics and checkpoints of an earlier attempt."""
+    import shutil
+
+    for name in ("metrics.jsonl", "timing.jsonl", "summary.json"):
+        (workdir / name).unlink(missing_ok=True)
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
 
 
 def run(
@@ -192,52 +326,85 @@ def run(
     sweep_shard: str | tuple[int, int] | None = None,
     sweep_chunk: int | None = None,
     progress: bool | None = None,
+    resume_from: str = "latest",
     stop_after_step: int | None = None,
 ) -> dict[str, Any]:
     """Train every member of the config's sweep (or one slice of it) and write the run dir.
 
     Returns the summary (also written to `workdir/summary.json`). Re-running on an existing
     workdir resumes from the last checkpoint and ends with exactly the metrics of an
-    uninterrupted run. `stop_after_step` stops early as if preempted (for tests).
+    uninterrupted run. One process at a time may write a workdir (`RunLock`).
+
+    `resume_from`: `"latest"` resumes from the newest checkpoint and refuses one that fails
+    its checksums; `"previous"` falls back to the newest intact checkpoint (recomputing the
+    steps after it; from step 0 if none is intact); `"scratch"` discards the earlier
+    metrics and checkpoints. `progress`: `None` shows a bar on a terminal and a line per
+    evaluation otherwise, `True` a bar, `False` nothing. `stop_after_step` stops early as
+    if preempted (for tests).
+
+    ```python
+    import tempfile, fpx
+    summary = fpx.experiment.run("configs/quickstart.py:quick", {"train.steps": "20"},
+                                 workdir=tempfile.mkdtemp(), progress=False)
+    assert summary["members"][0]["step"] == 20
+    ```
     """
     config = resolve_config(spec_or_config, overrides)
     shard = parse_shard(sweep_shard) if isinstance(sweep_shard, str) or sweep_shard is None else tuple(sweep_shard)
     if sweep_chunk is not None and sweep_chunk < 1:
         raise ConfigError(f"--sweep_chunk must be a positive integer, got {sweep_chunk}.")
+    if resume_from not in RESUME_FROM:
+        raise ConfigError(f"--resume_from={resume_from!r}: choose one of {', '.join(RESUME_FROM)}.")
+    name = str(config.get("name", config.experiment))
     if workdir is None:
-        workdir = pathlib.Path("runs") / pathlib.Path(str(config.get("name", config.experiment))) / time.strftime("%Y%m%d-%H%M%S")
+        workdir = pathlib.Path("runs") / pathlib.Path(name) / time.strftime("%Y%m%d-%H%M%S")
     workdir = pathlib.Path(workdir)
     if shard is not None:
         workdir = workdir / f"shard-{shard[0]}-of-{shard[1]}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    resolved = config.to_dict()
-    config_file = workdir / "config.json"
-    if config_file.exists() and json.loads(config_file.read_text()) != json.loads(json.dumps(resolved, default=str)):
-        raise ConfigError(
-            f"{workdir} holds a run with a different config; resume only with the same config or pick another --workdir."
-        )
-    config_file.write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
-
     members = expand_sweep(config)
-    selected = shard_members(len(members), shard)
-    units = _units(config, members, selected, sweep_chunk)
-    writer = _Writer(workdir)
-    total = config.train.steps * sum(len(u["members"]) > 0 for u in units)
-    bar = _progress(total, progress, desc=str(config.get("name", config.experiment)))
-    timing = {}
-    try:
-        for index, unit in enumerate(units):
-            timing[index] = _train_unit(config, unit, index, members, workdir, writer, bar, stop_after_step)
-    finally:
-        bar.close()
-    summary = summarize(workdir, members, timing)
-    summary["stopped_early"] = stop_after_step is not None and any(t.get("stopped") for t in timing.values())
-    summary["name"] = str(config.get("name", config.experiment))
-    summary["workdir"] = str(workdir)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    from ._plots import plot_run
+    units = _units(config, members, shard_members(len(members), shard), sweep_chunk)
+    # Built before anything is written: a task's own checks (e.g. a batch larger than the
+    # data) fail without leaving a run directory behind.
+    for unit in units:
+        unit["task"] = build_task(member_config(config, members[unit["members"][0]]))
+    _prepare_workdir(workdir)
+    with RunLock(workdir):
+        resolved = json.loads(json.dumps(config.to_dict(), default=str))
+        config_file = workdir / "config.json"
+        if config_file.exists():
+            try:
+                recorded = read_json(config_file)
+            except RunDirectoryError as e:
+                raise RunDirectoryError(
+                    f"{e} It records the config this run directory was trained with. If that is the config "
+                    f"you are passing now, delete {config_file} and rerun to rewrite it; otherwise pick another --workdir."
+                ) from None
+            if recorded != resolved:
+                raise ConfigError(
+                    f"{workdir} holds a run with a different config; resume only with the same config or pick another --workdir."
+                )
+        else:
+            atomic_write_json(config_file, resolved)
+        if resume_from == "scratch":
+            _start_over(workdir)
+        metrics = _Metrics(workdir)
+        total = config.train.steps * sum(len(u["members"]) > 0 for u in units)
+        bar = _Progress(total, _progress_mode(progress), name)
+        timing = {}
+        try:
+            for index, unit in enumerate(units):
+                timing[index] = _train_unit(config, unit, index, len(units), members, workdir, metrics, bar,
+                                            stop_after_step, resume_from)
+        finally:
+            bar.close()
+        summary = summarize(workdir, members, timing)
+        summary["stopped_early"] = stop_after_step is not None and any(t.get("stopped") for t in timing.values())
+        summary["name"] = name
+        summary["workdir"] = str(workdir)
+        atomic_write_json(workdir / "summary.json", summary)
+        from ._plots import plot_run
 
-    plot_run(workdir)
+        plot_run(workdir)
     return summary
 
 
@@ -263,7 +430,8 @@ def member_config(config: ConfigDict, assignment: Mapping[str, Any]) -> ConfigDi
     for path, value in assignment.items():
         if path != VARIANT:
             set_path(cfg, path, value)
-    prune_registry_sections(cfg)
+    # Preset arguments the member's constructor lacks are dropped; those the member sets are checked.
+    prune_registry_sections(cfg, explicit=set(assignment))
     for section in REGISTRIES:
         if section in cfg:
             build(section, cfg[section].to_dict())
@@ -272,12 +440,10 @@ def member_config(config: ConfigDict, assignment: Mapping[str, Any]) -> ConfigDi
 
 
 
-def _train_unit(config, unit, unit_index, members, workdir, writer, bar, stop_after_step):
+def _train_unit(config, unit, unit_index, num_units, members, workdir, metrics, bar, stop_after_step, resume_from):
     import orbax.checkpoint as ocp
 
-    ms = unit["members"]
-    base = member_config(config, members[ms[0]])
-    task = build_task(base)
+    ms, task = unit["members"], unit["task"]
     dynamic = tuple(task.dynamic)
     hp_np = {p: np.array([get_path(member_config(config, members[m]).to_dict(), p) for m in ms]) for p in dynamic}
     sharding, padded = _sweep_sharding(len(ms))
@@ -305,55 +471,136 @@ def _train_unit(config, unit, unit_index, members, workdir, writer, bar, stop_af
 
     chunk = jax.jit(jax.vmap(chunk, in_axes=(0, 0, 0, None)))
     state = init(hp, keys)
-    manager = ocp.CheckpointManager(
-        (workdir / "checkpoints" / f"unit-{unit_index}").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_to_keep),
-    )
-    start = 0
-    latest = manager.latest_step()
-    if latest is not None:
-        state = manager.restore(latest, args=ocp.args.StandardRestore(state))
-        start = latest
-    writer.truncate(unit_index, start)
-    bar.update(start)
-    timing = {"compile_s": None, "train_s": 0.0, "steps": 0, "stopped": False}
-    while start < steps:
-        if stop_after_step is not None and start >= stop_after_step:
-            timing["stopped"] = True
-            break
-        t0 = time.perf_counter()
-        state, train_metrics, eval_metrics = chunk(state, hp, keys, start)
-        jax.block_until_ready(state)
-        elapsed = time.perf_counter() - t0
-        if timing["compile_s"] is None:
-            timing["compile_s"] = elapsed
-        else:
-            timing["train_s"] += elapsed
-            timing["steps"] += every
-            # Wall-clock goes to its own file: metrics.jsonl stays deterministic (resume test).
-            with (workdir / "timing.jsonl").open("a") as f:
-                f.write(json.dumps({"unit": unit_index, "step": start + every, "members": len(ms), "ms_per_step": 1e3 * elapsed / every}) + "\n")
-        start += every
-        records = []
-        for j, m in enumerate(ms):
-            record = {"unit": unit_index, "member": m, "step": start, "hparams": {k: _to_python(v) for k, v in members[m].items()}}
-            record.update({f"train/{k}": _to_python(v[j]) for k, v in train_metrics.items()})
-            record.update({f"eval/{k}": _to_python(v[j]) for k, v in eval_metrics.items()})
-            records.append(record)
-        writer.append(records)
-        if start % config.train.checkpoint_every == 0 or start == steps:
-            manager.save(start, args=ocp.args.StandardSave(state))
-            manager.wait_until_finished()
-        bar.update(every)
-    manager.close()
+    directory = (workdir / "checkpoints" / f"unit-{unit_index}").absolute()
+    manifests = workdir / "checkpoints" / "manifests" / f"unit-{unit_index}"
+    # max_to_keep is applied here, after the new checkpoint's manifest is written: a crash
+    # in between still leaves the previous, verified checkpoint.
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=None))
+    group = _group_label(members[ms[0]], task)
+    headline = task_headline(config.experiment)
+    try:
+        start, state = _restore(manager, directory, manifests, state, unit_index, resume_from, bar)
+        for note in metrics.reconcile(unit_index, ms, start, every):
+            bar.note(note)
+        if num_units > 1:
+            bar.note(f"group {unit_index + 1}/{num_units}{group}: {len(ms)} member(s), from step {start}/{steps}")
+        bar.advance(start)
+        timing = {"compile_s": None, "train_s": 0.0, "steps": 0, "stopped": False}
+        while start < steps:
+            if stop_after_step is not None and start >= stop_after_step:
+                timing["stopped"] = True
+                break
+            t0 = time.perf_counter()
+            state, train_metrics, eval_metrics = chunk(state, hp, keys, start)
+            jax.block_until_ready(state)
+            elapsed = time.perf_counter() - t0
+            if timing["compile_s"] is None:
+                timing["compile_s"] = elapsed
+            else:
+                timing["train_s"] += elapsed
+                timing["steps"] += every
+                # Wall-clock goes to its own file: metrics.jsonl stays deterministic (resume test).
+                append_lines(workdir / "timing.jsonl", [{"unit": unit_index, "step": start + every, "members": len(ms), "ms_per_step": 1e3 * elapsed / every}])
+            start += every
+            records = []
+            for j, m in enumerate(ms):
+                record = {"unit": unit_index, "member": m, "step": start, "hparams": {k: _to_python(v) for k, v in members[m].items()}}
+                record.update({f"train/{k}": _to_python(v[j]) for k, v in train_metrics.items()})
+                record.update({f"eval/{k}": _to_python(v[j]) for k, v in eval_metrics.items()})
+                records.append(record)
+            metrics.append(records)
+            if start % config.train.checkpoint_every == 0 or start == steps:
+                _save(manager, directory, manifests, start, state, config.train.max_to_keep)
+            bar.advance(every, _progress_line(unit_index, num_units, group, start, steps, records, headline, timing))
+    finally:
+        manager.close()
     return timing
 
 
-def read_metrics(workdir: pathlib.Path) -> list[dict]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+def _restore(manager, directory, manifests, state, unit_index, resume_from, bar):
+    """(step, state) of the newest checkpoint that passes its checksums and restores;
+    `(0, state)` without one. A corrupt one is an error unless `resume_from="previous"`."""
+    import orbax.checkpoint as ocp
+
+    if resume_from == "scratch":
+        return 0, state
+    steps = sorted(manager.all_steps(), reverse=True)
+    for rank, step in enumerate(steps):
+        problem = verify_manifest(directory / str(step), manifests, step)
+        if problem is None:
+            try:
+                return step, manager.restore(step, args=ocp.args.StandardRestore(state))
+            except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many types)
+                problem = f"orbax cannot restore it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        interrupted = rank == 0 and problem.endswith("its save was interrupted")
+        fallback = steps[rank + 1] if rank + 1 < len(steps) else None
+        if not (interrupted or resume_from == "previous"):
+            raise RunDirectoryError(
+                f"checkpoint step {step} of unit {unit_index} is corrupt: {problem}. Resume from the newest intact "
+                f"checkpoint with --resume_from=previous (the steps after it are recomputed), or start over with "
+                f"--resume_from=scratch."
+            )
+        # Kept for inspection, out of orbax's way: the step is saved anew when training reaches it.
+        aside = directory.parent / "skipped" / f"unit-{unit_index}-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(directory / str(step), aside)
+        (manifests / f"{step}.json").unlink(missing_ok=True)
+        manager.reload()
+        bar.note(f"checkpoint step {step} of unit {unit_index} skipped ({problem}) and moved to {aside}; "
+                 + (f"trying step {fallback}" if fallback is not None else "starting from step 0"))
+    return 0, state
+
+
+def _save(manager, directory, manifests, step, state, max_to_keep):
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+    write_manifest(directory / str(step), manifests, step)
+    kept = sorted(manager.all_steps())
+    for old in kept[: max(len(kept) - max_to_keep, 0)] if max_to_keep else []:
+        manager.delete(old)
+    prune_manifests(manifests, manager.all_steps())
+
+
+def _group_label(assignment: Mapping[str, Any], task) -> str:
+    dynamic = set(getattr(task, "dynamic", ("seed",)))
+    static = {k: v for k, v in assignment.items() if k not in dynamic}
+    return (" (" + ", ".join(f"{k}={v}" for k, v in static.items()) + ")") if static else ""
+
+
+def _progress_line(unit_index, num_units, group, step, steps, records, headline, timing) -> str:
+    headline = [k for k in headline if k in records[0]]
+    shown = headline or [k for k in records[0] if k.startswith("eval/")][:3]
+    values = ", ".join(f"{k} {np.mean([r[k] for r in records]):.4g}" for k in shown)
+    where = f"group {unit_index + 1}/{num_units}{group} " if num_units > 1 else ""
+    line = f"{where}step {step}/{steps}: {values}"
+    if timing["steps"] and step < steps:
+        per_step = timing["train_s"] / timing["steps"]
+        line += f" ({1e3 * per_step:.3g} ms/step, group done in ~{_duration(per_step * (steps - step))})"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else (f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h")
+
+
+def read_metrics(workdir: str | os.PathLike, *, tolerate_partial_tail: bool = True) -> list[dict]:
+    """The records of `workdir/metrics.jsonl`: one per (member, evaluation step), with keys
+    `unit`, `member`, `step`, `hparams` and the `train/*`, `eval/*` metrics.
+
+    A half-written last line (a run killed while writing) is skipped unless
+    `tolerate_partial_tail=False`; any other corrupt line is a `RunDirectoryError`.
+
+    ```python
+    import tempfile, fpx
+    workdir = tempfile.mkdtemp()
+    fpx.experiment.run("configs/quickstart.py:quick", {"train.steps": "20"}, workdir=workdir, progress=False)
+    records = fpx.experiment.read_metrics(workdir)
+    assert [r["step"] for r in records] == [20]
+    ```
+    """
+    return read_jsonl(pathlib.Path(workdir) / "metrics.jsonl", tolerate_partial_tail=tolerate_partial_tail)
 
 
 def summarize(workdir, members, timing) -> dict[str, Any]:
@@ -363,11 +610,8 @@ def summarize(workdir, members, timing) -> dict[str, Any]:
         if r["member"] not in last or r["step"] >= last[r["member"]]["step"]:
             last[r["member"]] = r
     unit_ms: dict[int, list[float]] = {}
-    timing_file = pathlib.Path(workdir) / "timing.jsonl"
-    if timing_file.exists():
-        for line in timing_file.read_text().splitlines():
-            t = json.loads(line)
-            unit_ms.setdefault(t["unit"], []).append(t["ms_per_step"])
+    for t in read_jsonl(pathlib.Path(workdir) / "timing.jsonl", tolerate_partial_tail=True):
+        unit_ms.setdefault(t["unit"], []).append(t["ms_per_step"])
     rows = []
     for m in sorted(last):
         r = last[m]
@@ -375,7 +619,7 @@ def summarize(workdir, members, timing) -> dict[str, Any]:
         converged = r.get("eval/converged_fraction", 1.0)
         status = "diverged" if not finite else ("ok" if converged >= 1.0 else "unconverged")
         times = unit_ms.get(r["unit"])
-        rows.append({"member": m, "hparams": r["hparams"], "step": r["step"], "status": status,
+        rows.append({"member": m, "unit": r["unit"], "hparams": r["hparams"], "step": r["step"], "status": status,
                      "ms_per_step": float(np.median(times)) if times else None,
                      **{k: v for k, v in r.items() if k.startswith(("train/", "eval/"))}})
     train_s = sum(t["train_s"] for t in timing.values())

@@ -33,9 +33,14 @@ class Task(abc.ABC):
     - `train_step(state, hp, key) -> (state, metrics)`: one optimizer step; `metrics` is
       a dict of scalars (averaged over the chunk by the runner).
     - `evaluate(state, hp) -> metrics`: a dict of scalars.
+
+    `headline` names the metrics that are the task's result (`"eval/test_rel_l2"`, ...):
+    `fpx report` shows them first and plots all of them. A registered build function
+    declares them as `build_<name>.headline = (...)` (see `task_headline`).
     """
 
     dynamic: ClassVar[tuple[str, ...]] = ("seed",)
+    headline: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def init(self, hp: Mapping[str, Array], key: PRNGKeyArray) -> PyTree: ...
@@ -45,3 +50,19 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(self, state: PyTree, hp: Mapping[str, Array]) -> dict[str, Any]: ...
+
+
+def task_headline(experiment: str) -> tuple[str, ...]:
+    """The headline metrics of the registered task `experiment`; `()` if it declares none
+    (or is not registered, e.g. a report of a run made by an older fpx).
+
+    ```python
+    from fpx.experiment._task import task_headline
+    assert task_headline("fno_burgers") == ("eval/test_rel_l2", "eval/zero_shot_rel_l2")
+    assert task_headline("no_such_task") == ()
+    ```
+    """
+    from ._registry import TASKS, load_tasks
+
+    load_tasks()
+    return tuple(getattr(TASKS.get(experiment), "headline", ()))

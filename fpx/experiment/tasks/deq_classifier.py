@@ -20,7 +20,7 @@ import optax
 from ... import nn as fpx_nn
 from ...data import digits
 from ...adjoint import backward_probe
-from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, one_of
+from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, ConfigError, one_of
 from .._registry import build, register_task, set_learning_rate
 from .._task import Task, config_dtype
 
@@ -60,6 +60,11 @@ class DEQClassifier(Task):
         self.x_train, self.y_train = jnp.asarray(x_train, self.dtype), jnp.asarray(y_train)
         self.x_test, self.y_test = jnp.asarray(x_test, self.dtype), jnp.asarray(y_test)
         self.classes = 10
+        if config.data.batch_size > self.x_train.shape[0]:
+            raise ConfigError(
+                f"'data.batch_size' ({config.data.batch_size}) exceeds the {self.x_train.shape[0]} training examples; "
+                "batches are drawn without replacement."
+            )
         self.solver = build("solver", config.solver.to_dict())
         self.adjoint = build("adjoint", config.adjoint.to_dict())
         self.optimizer = build("optim", config.optim.to_dict())
@@ -144,3 +149,4 @@ def build_deq_classifier(config):
 
 build_deq_classifier.dynamic = DEQClassifier.dynamic
 build_deq_classifier.constraints = DEQClassifier.constraints
+build_deq_classifier.headline = ("eval/accuracy", "eval/loss")

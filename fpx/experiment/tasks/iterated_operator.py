@@ -239,3 +239,4 @@ def build_iterated_operator(config):
 
 build_iterated_operator.dynamic = IteratedOperator.dynamic
 build_iterated_operator.constraints = IteratedOperator.constraints
+build_iterated_operator.headline = ("eval/test_rel_l2", "eval/train_rel_l2", "eval/forward_steps")

@@ -307,3 +307,7 @@ def restore(workdir, unit: int = 0, step: int | None = None):
     manager.close()
     return task, state
 
+
+build_fno_burgers.headline = ("eval/test_rel_l2", "eval/zero_shot_rel_l2")
+build_deeponet_antiderivative.headline = ("eval/test_mse", "eval/test_rel_l2")
+

@@ -15,7 +15,7 @@ import optax
 
 from ...data import digits
 from ...projective import Trainer
-from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, one_of
+from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, ConfigError, one_of
 from .._registry import build, register_task, set_learning_rate
 from .._task import Task, config_dtype
 
@@ -64,6 +64,11 @@ class ProjectiveClassifier(Task):
         x_train, y_train, x_test, y_test = digits(seed=config.data.split_seed, test_size=config.data.test_fraction)
         self.x_train, self.y_train = jnp.asarray(x_train, self.dtype), jnp.asarray(y_train, jnp.int32)
         self.x_test, self.y_test = jnp.asarray(x_test, self.dtype), jnp.asarray(y_test, jnp.int32)
+        if config.data.batch_size > self.x_train.shape[0]:
+            raise ConfigError(
+                f"'data.batch_size' ({config.data.batch_size}) exceeds the {self.x_train.shape[0]} training examples; "
+                "batches are drawn without replacement."
+            )
         p = config.projective
         self.trainer = Trainer(
             mlp,
@@ -127,3 +132,4 @@ def build_projective_classifier(config):
 
 build_projective_classifier.dynamic = ProjectiveClassifier.dynamic
 build_projective_classifier.constraints = ProjectiveClassifier.constraints
+build_projective_classifier.headline = ("eval/accuracy", "eval/loss")
