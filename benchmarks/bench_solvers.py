@@ -169,6 +169,9 @@ def solver_table(rtol: float, atol: float, max_steps: int, baselines: bool = Tru
             "Anderson(memory=5)": make_fpx(fpx.Anderson(memory=5, **tol), max_steps),
             "Broyden(memory=10)": make_fpx(fpx.Broyden(memory=10, **tol), max_steps),
             "NewtonKrylov": make_fpx(fpx.NewtonKrylov(**tol), max_steps),
+            "Halpern(restart=0.5)": make_fpx(fpx.Halpern(restart=0.5, **tol), max_steps),
+            # 3 evaluations per SQUAREM step: the same evaluation budget as the others.
+            "SQUAREM": make_fpx(fpx.SQUAREM(**tol), max(1, max_steps // 3)),
         }
     )
     return table
@@ -181,6 +184,8 @@ FPX_SOLVERS = (
     "Anderson(memory=5)",
     "Broyden(memory=10)",
     "NewtonKrylov",
+    "Halpern(restart=0.5)",
+    "SQUAREM",
 )
 
 

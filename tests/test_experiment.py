@@ -122,22 +122,31 @@ def test_cli_list(capsys):
 # --------------------------------------------------------------- sweeps
 
 
-def test_vmapped_sweep_equals_sequential_runs(tmp_path):
-    fx.run(QUICK, {**F64, "sweep.lr": "[1e-3, 1e-2]"}, workdir=tmp_path / "sweep")
+SWEEP3 = {**F64, "sweep.lr": "[1e-3, 3e-3, 1e-2]"}
+
+
+@pytest.fixture(scope="module")
+def whole_sweep(tmp_path_factory):
+    """One vmapped run of three learning rates, shared by the tests that compare against it."""
+    workdir = tmp_path_factory.mktemp("whole")
+    fx.run(QUICK, SWEEP3, workdir=workdir, progress=False)
+    return workdir
+
+
+def test_vmapped_sweep_equals_sequential_runs(tmp_path, whole_sweep):
     fx.run(QUICK, {**F64, "sweep.lr": "[1e-3]"}, workdir=tmp_path / "a")
     fx.run(QUICK, {**F64, "sweep.lr": "[1e-2]"}, workdir=tmp_path / "b")
-    together = metrics_by_member(tmp_path / "sweep")
+    together = {lr: rs for lr, rs in metrics_by_member(whole_sweep).items() if lr in (1e-3, 1e-2)}
     apart = {**metrics_by_member(tmp_path / "a"), **metrics_by_member(tmp_path / "b")}
     assert_same_metrics(together, apart)
 
 
-def test_sweep_chunk_equals_one_vmap(tmp_path):
-    fx.run(QUICK, {**F64, "sweep.lr": "[1e-3, 3e-3, 1e-2]"}, workdir=tmp_path / "whole")
-    fx.run(QUICK, {**F64, "sweep.lr": "[1e-3, 3e-3, 1e-2]"}, workdir=tmp_path / "chunked", sweep_chunk=2)
-    assert_same_metrics(metrics_by_member(tmp_path / "whole"), metrics_by_member(tmp_path / "chunked"))
+def test_sweep_chunk_equals_one_vmap(tmp_path, whole_sweep):
+    fx.run(QUICK, SWEEP3, workdir=tmp_path / "chunked", sweep_chunk=2)
+    assert_same_metrics(metrics_by_member(whole_sweep), metrics_by_member(tmp_path / "chunked"))
 
 
-def test_sharded_sweep_equals_unsharded(tmp_path):
+def test_sharded_sweep_equals_unsharded(tmp_path, whole_sweep):
     # Four forced host devices; three members are padded to four and sharded over "sweep".
     script = (
         "import jax, sys; assert jax.local_device_count() == 4, jax.local_devices();"
@@ -146,35 +155,17 @@ def test_sharded_sweep_equals_unsharded(tmp_path):
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_ENABLE_X64": "1"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "sharded")], check=True, env=env, cwd=ROOT)
-    fx.run(QUICK, {**F64, "sweep.lr": "[1e-3, 3e-3, 1e-2]"}, workdir=tmp_path / "single")
-    assert_same_metrics(metrics_by_member(tmp_path / "sharded"), metrics_by_member(tmp_path / "single"))
+    assert_same_metrics(metrics_by_member(tmp_path / "sharded"), metrics_by_member(whole_sweep))
 
 
-def test_shard_slices_and_report_equal_whole_sweep(tmp_path):
-    overrides = {**F64, "sweep.lr": "[1e-3, 3e-3, 1e-2]"}
-    fx.run(QUICK, overrides, workdir=tmp_path / "whole")
+def test_shard_slices_and_report_equal_whole_sweep(tmp_path, whole_sweep):
     for i in range(2):
-        fx.run(QUICK, overrides, workdir=tmp_path / "sliced", sweep_shard=f"{i}/2")
+        fx.run(QUICK, SWEEP3, workdir=tmp_path / "sliced", sweep_shard=f"{i}/2")
     assert sorted(p.name for p in (tmp_path / "sliced").iterdir()) == ["shard-0-of-2", "shard-1-of-2"]
-    whole = fx.report([tmp_path / "whole"], out=tmp_path / "r1", columns=DETERMINISTIC)
+    whole = fx.report([whole_sweep], out=tmp_path / "r1", columns=DETERMINISTIC)
     sliced = fx.report([tmp_path / "sliced"], out=tmp_path / "r2", columns=DETERMINISTIC)
     assert whole == sliced
     assert (tmp_path / "r2" / "report.md").exists() and (tmp_path / "r2" / "plots" / "sweep.png").exists()
-
-
-def test_resume_after_interruption_is_identical(tmp_path):
-    overrides = {**F64, "sweep.lr": "[1e-3, 3e-3]", "train.steps": "60", "train.checkpoint_every": "40"}
-    assert fx.run(QUICK, overrides, workdir=tmp_path / "straight")["stopped_early"] is False
-    # Preempted after step 40... and after writing metrics past the last checkpoint.
-    first = fx.run(QUICK, overrides, workdir=tmp_path / "resumed", stop_after_step=60 - 20)
-    assert first["stopped_early"] is True
-    assert [(m["hparams"]["optim.lr"], m["step"]) for m in first["members"]] == [(1e-3, 40), (3e-3, 40)]
-    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"unit": 0, "member": 0, "step": 60, "hparams": {"optim.lr": 1e-3}, "train/loss": -1.0}) + "\n")
-    fx.run(QUICK, overrides, workdir=tmp_path / "resumed")
-    straight = (tmp_path / "straight" / "metrics.jsonl").read_text()
-    resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text()
-    assert straight == resumed
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -203,7 +194,7 @@ def test_static_sweep_axes_run_as_groups(tmp_path):
     assert rows["anderson"]["train/forward_steps"] < rows["picard"]["train/forward_steps"]
 
 
-def test_submitit_local_array_then_report(tmp_path):
+def test_submitit_local_array_then_report(tmp_path, whole_sweep):
     # submitit's local executor runs the array tasks as separate processes, as SLURM would.
     # The CLI itself runs in a subprocess too (as a user would run it).
     pytest.importorskip("submitit", reason="the optional extra fpx[cluster] is not installed")
@@ -214,9 +205,8 @@ def test_submitit_local_array_then_report(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "submitted 2 shards" in done.stdout
-    fx.run(QUICK, {"dtype": "float64", "sweep.lr": "[1e-3, 3e-3, 1e-2]"}, workdir=tmp_path / "whole")
     array = fx.report([tmp_path / "array"], out=tmp_path / "r1", columns=DETERMINISTIC)
-    assert array == fx.report([tmp_path / "whole"], out=tmp_path / "r2", columns=DETERMINISTIC)
+    assert array == fx.report([whole_sweep], out=tmp_path / "r2", columns=DETERMINISTIC)
 
 
 def test_progress_bar_is_one_bar_for_the_whole_sweep(tmp_path, capsys):
