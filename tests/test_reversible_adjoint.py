@@ -186,3 +186,13 @@ def test_registry_and_deq_layer_training_step():
     new, state, before, stats = step(deq, state)
     assert bool(stats["converged"].all())
     assert float(loss(new)[0]) < float(before)
+
+
+def test_an_overflowing_reversal_raises_instead_of_a_silent_nan():
+    # float32, 0.99-contractive: the solve converges in 74 steps, but the reversal divides
+    # by 1 - beta = 0.2 at every step and the reconstructed states overflow.
+    W, x = _problem(jnp.float32, gamma=0.99)
+    loss = lambda x, throw: head(solve(W, x, rtol=1e-5, max_steps=2000, throw=throw).value)  # noqa: E731
+    assert not jnp.all(jnp.isfinite(jax.grad(loss)(x, False)))
+    with pytest.raises(Exception, match=r"ReversibleAdjoint: reversing the forward iteration overflowed"):
+        jax.block_until_ready(jax.grad(loss)(x, True))
