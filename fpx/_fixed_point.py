@@ -368,8 +368,10 @@ def fixed_point(
       The gradient with respect to `z0` is zero (implicit function theorem: `z*` does not
       depend on where we start).
     - `solver`: an `fpx.AbstractFixedPointSolver` (`Picard()`, `KM()`, `Halpern()`,
-      `Anderson()`, `Broyden()`, `NewtonKrylov()`); it carries `rtol`, `atol`, `norm`.
-    - `adjoint`: how to differentiate; default `fpx.ImplicitAdjoint()`.
+      `Anderson()`, `Broyden()`, `NewtonKrylov()`, `SQUAREM()`); it carries `rtol`,
+      `atol`, `norm`.
+    - `adjoint`: how to differentiate; default `fpx.ImplicitAdjoint()`; also
+      `JFBAdjoint`, `PhantomAdjoint`, `UnrolledAdjoint`, `ReversibleAdjoint`.
     - `max_steps`: maximum number of solver steps.
     - `throw`: if True, a failed solve raises `FixedPointError` at run time (under `jit`
       wrapped in JAX's runtime error) with the residual reached and what to try; under
@@ -379,7 +381,8 @@ def fixed_point(
       returned iterate (`fn(sol.value, args)[1]`, one extra evaluation of `fn`).
     - `detect_infeasible`: `True` or an `fpx.DisplacementTest` to stop with
       `RESULTS.infeasible` when an averaged operator has no fixed point (see
-      `DisplacementTest`); needs a solver with a drift law (Picard, KM, Halpern).
+      `DisplacementTest`); needs a solver with a drift law (Picard, KM, Halpern, also
+      restarted).
     - `trace_length`: if positive, `sol.stats["residual_trace"]` holds the residual norm of
       iterates `0 .. trace_length-1` (NaN after the last step; inf under `jax_debug_nans`).
     - `backward_probe`: optional `fpx.backward_probe()`; differentiate with respect to it
