@@ -614,9 +614,9 @@ class ReversibleAdjoint(AbstractAdjoint):
       iteration more (it converges more slowly, and its reversal divides by a larger
       `1 / (1 - β)`).
 
-    Reverse mode only (`jax.grad`, `jax.vjp`): forward mode through the reversed
-    iteration is not implemented, and `jax.jvp` raises a `TypeError` saying so (use
-    `ImplicitAdjoint` there). The derivative with respect to `z0` is zero, as for the
+    Reverse mode only (`jax.grad`, `jax.vjp`): the reversed iteration is a reverse-mode
+    algorithm, and `jax.jvp` raises a `TypeError` saying so (use `ImplicitAdjoint` for
+    forward mode). The derivative with respect to `z0` is zero, as for the
     other adjoints; `backward_probe` is not filled. Under `vmap`, a parameter shared by
     the members gets one cotangent accumulator per member inside the backward loop.
 

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._rundir import RunDirectoryError, read_json, read_jsonl
+from ._rundir import RunDirectoryError, ends_mid_line, read_json, read_jsonl
 
 REPORT_COLUMNS = (
     "eval/accuracy",
@@ -145,30 +145,6 @@ def _get(config: Mapping, path: str) -> Any:
     return node
 
 
-def _status(record: Mapping) -> str:
-    # As `_runner.summarize`: non-finite metrics are a divergence, any unconverged solve is flagged.
-    values = [v for k, v in record.items() if k.startswith(("train/", "eval/")) and isinstance(v, (int, float))]
-    if not all(math.isfinite(v) for v in values):
-        return "diverged"
-    return "ok" if record.get("eval/converged_fraction", 1.0) >= 1.0 else "unconverged"
-
-
-def _median(xs: Sequence[float]) -> float | None:
-    xs = sorted(xs)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-
-def _ends_mid_line(path: pathlib.Path) -> bool:
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as f:
-        f.seek(-1, 2)
-        return f.read(1) != b"\n"
-
-
 def _read_run(d: pathlib.Path) -> tuple[dict, list[dict], list[dict], list[str]]:
     """(config, member rows, metric records, problems) of one run directory."""
     config = read_json(d / "config.json")
@@ -181,7 +157,7 @@ def _read_run(d: pathlib.Path) -> tuple[dict, list[dict], list[dict], list[str]]
     problems = []
     # An interrupted run may end in a half-written line (a kill during an append): drop it and
     # say so; in a finished run every line was written whole, so a broken one is corruption.
-    truncated = not finished and _ends_mid_line(metrics_file)
+    truncated = not finished and ends_mid_line(metrics_file)
     records = read_jsonl(metrics_file, tolerate_partial_tail=not finished)
     last: dict[int, dict] = {}
     for r in records:
@@ -198,14 +174,9 @@ def _read_run(d: pathlib.Path) -> tuple[dict, list[dict], list[dict], list[str]]
         if not metrics_file.exists():
             problems.append(f"{metrics_file} is missing: the table comes from summary.json, there are no curves.")
     else:
-        unit_ms: dict[Any, list[float]] = {}
-        for t in read_jsonl(d / "timing.jsonl", tolerate_partial_tail=True):
-            unit_ms.setdefault(t["unit"], []).append(t["ms_per_step"])
-        rows = []
-        for m, r in sorted(last.items()):
-            metrics = {k: v for k, v in r.items() if k.startswith(("train/", "eval/"))}
-            rows.append({"member": m, "unit": f"{unit_prefix}{r['unit']}", "hparams": r["hparams"], "step": r["step"],
-                         "status": _status(r), "ms_per_step": _median(unit_ms.get(r["unit"], [])), **metrics})
+        from ._runner import member_rows
+
+        rows = [{**r, "unit": f"{unit_prefix}{r['unit']}"} for r in member_rows(d, records)]
         rows += _not_started(config, d, set(last))
     partial = [r for r in rows if steps is not None and r["step"] < steps]
     for r in partial:

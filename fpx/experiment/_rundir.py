@@ -100,6 +100,16 @@ def read_json(path: str | os.PathLike) -> dict:
         ) from None
 
 
+def ends_mid_line(path: str | os.PathLike) -> bool:
+    """Whether a (JSON-lines) file ends without its final newline: a crash cut its last line."""
+    path = pathlib.Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def read_jsonl(path: str | os.PathLike, *, tolerate_partial_tail: bool = False) -> list[dict]:
     """The records of a JSON-lines file (`[]` if it does not exist).
 

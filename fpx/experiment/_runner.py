@@ -40,6 +40,7 @@ from ._rundir import (
     append_lines,
     atomic_write_json,
     atomic_write_text,
+    ends_mid_line,
     prune_manifests,
     read_json,
     read_jsonl,
@@ -190,14 +191,8 @@ class _Metrics:
         different lines for one (member, step), is a `RunDirectoryError` naming them: the
         checkpoint cannot recreate them. Returns notes on what was repaired.
         """
-        if not self.path.exists():
-            records = []
-        else:
-            text = self.path.read_text()
-            records = read_jsonl(self.path, tolerate_partial_tail=True)
-        notes = []
-        if self.path.exists() and text and not text.endswith("\n"):
-            notes.append(f"dropped the half-written last line of {self.path.name}")
+        records = read_jsonl(self.path, tolerate_partial_tail=True)
+        notes = [f"dropped the half-written last line of {self.path.name}"] if ends_mid_line(self.path) else []
         kept, seen, dropped_later, duplicates = [], {}, 0, 0
         for r in records:
             if r.get("unit") != unit:
@@ -603,8 +598,10 @@ def read_metrics(workdir: str | os.PathLike, *, tolerate_partial_tail: bool = Tr
     return read_jsonl(pathlib.Path(workdir) / "metrics.jsonl", tolerate_partial_tail=tolerate_partial_tail)
 
 
-def summarize(workdir, members, timing) -> dict[str, Any]:
-    records = read_metrics(workdir)
+def member_rows(workdir: str | os.PathLike, records: Sequence[dict]) -> list[dict]:
+    """One row per member from its last metric record: hparams, step, status (`ok`,
+    `unconverged`: a solve did not converge, `diverged`: a metric is not finite), the
+    median ms per step of its unit (`timing.jsonl`) and the `train/*`, `eval/*` metrics."""
     last: dict[int, dict] = {}
     for r in records:
         if r["member"] not in last or r["step"] >= last[r["member"]]["step"]:
@@ -622,6 +619,11 @@ def summarize(workdir, members, timing) -> dict[str, Any]:
         rows.append({"member": m, "unit": r["unit"], "hparams": r["hparams"], "step": r["step"], "status": status,
                      "ms_per_step": float(np.median(times)) if times else None,
                      **{k: v for k, v in r.items() if k.startswith(("train/", "eval/"))}})
+    return rows
+
+
+def summarize(workdir, members, timing) -> dict[str, Any]:
+    rows = member_rows(workdir, read_metrics(workdir))
     train_s = sum(t["train_s"] for t in timing.values())
     steps = sum(t["steps"] for t in timing.values())
     return {

@@ -82,7 +82,7 @@ class Anderson(AbstractMemorySolver):
                 hint=" It is the ridge relative to the residual differences (default: 10 machine epsilons).",
             )
 
-    # The step below is the generic safeguarded step of `AbstractMemorySolver` (same
+    # The step below is the generic safeguarded step of `AbstractSecantSolver` (same
     # acceptance, memory and reset rules), restructured for speed under `vmap`, where the
     # driver's loop selects every carried array for every member at every step. Measured
     # (benchmarks/bench_solvers.py, per-step section): the cost is set by how many full

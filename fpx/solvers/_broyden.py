@@ -8,10 +8,10 @@ import jax.numpy as jnp
 from jaxtyping import PyTree, Scalar
 
 from .._misc import two_norm
-from ._safeguard import AbstractMemorySolver
+from ._safeguard import AbstractSecantSolver
 
 
-class Broyden(AbstractMemorySolver):
+class Broyden(AbstractSecantSolver):
     """Limited-memory inverse ("good") Broyden quasi-Newton method for `z = T(z)`.
 
     Solves `F(z) = z - T(z) = 0` with steps `z <- z - beta H F(z)`, where the inverse

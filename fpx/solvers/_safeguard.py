@@ -10,6 +10,7 @@ step late keeps every step at exactly one evaluation of `fn` (no `lax.cond`, whi
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import equinox as eqx
@@ -34,7 +35,9 @@ class MemoryState(eqx.Module):
     num_accepted: Int[Array, ""]
 
 
-class AbstractMemorySolver(AbstractFixedPointSolver[MemoryState]):
+class AbstractMemorySolver(AbstractFixedPointSolver):
+    """What Anderson and Broyden share: their argument checks and one evaluation per step."""
+
     # Subclasses declare `memory`, `beta`, `safeguard`, `rtol`, `atol`, `norm`.
 
     fn_evals_per_step: ClassVar[int | None] = 1
@@ -48,6 +51,11 @@ class AbstractMemorySolver(AbstractFixedPointSolver[MemoryState]):
                 name, "safeguard", self.safeguard, low=1,
                 hint=" It is the residual growth a memory step may cause before it is rejected: a number >= 1 or None (no safeguard).",
             )
+
+class AbstractSecantSolver(AbstractMemorySolver):
+    """The generic safeguarded step on a `MemoryState`; a subclass supplies the secant
+    update (`_new_pair`) and the proposal (`_propose`). Anderson implements the same rules
+    in a specialised form (see `fpx.solvers._anderson`)."""
 
     def init(self, fn, z0, fz0, args):
         z, _ = ravel(z0)
@@ -67,15 +75,13 @@ class AbstractMemorySolver(AbstractFixedPointSolver[MemoryState]):
             num_accepted=int0,
         )
 
-    # Hooks of the generic `step` below (Broyden). Anderson overrides `init` and `step`
-    # with a specialised form of the same rules (see `fpx.solvers._anderson`).
+    @abc.abstractmethod
     def _new_pair(self, state: MemoryState, dz, dg) -> tuple[Array, Array, Bool[Array, ""]]:
         """Memory columns to store for the secant pair (dz, dg), and whether to store them."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _propose(self, state: MemoryState) -> Array:
         """Next iterate from `state.z_acc`, `state.g_acc` and the memory."""
-        raise NotImplementedError
 
     def step(self, fn, z, fz, args, state):
         zf, unravel = ravel(z)
