@@ -1,8 +1,8 @@
 """fpx: fixed points in JAX — solvers, implicit gradients, feasibility, operators.
 
 `import fpx` loads only the core (fixed points, solvers, adjoints). The subpackages
-`fpx.data`, `fpx.experiment`, `fpx.feasibility`, `fpx.nn`, `fpx.operators` and
-`fpx.projective` (and `fpx.feasible_point`) are imported on first attribute access, so
+`fpx.data`, `fpx.experiment`, `fpx.feasibility`, `fpx.nn`, `fpx.operators`,
+`fpx.parallel` and `fpx.projective` (and `fpx.feasible_point`) are imported on first attribute access, so
 their dependencies (scipy, optax, tqdm, flax, orbax, ml_collections, matplotlib, sklearn)
 load only when used.
 """
@@ -10,6 +10,15 @@ load only when used.
 import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
+from ._argmin import (
+    AbstractHypergradient as AbstractHypergradient,
+    HypergradientExact as HypergradientExact,
+    HypergradientFixedPoint as HypergradientFixedPoint,
+    HypergradientLinearSolve as HypergradientLinearSolve,
+    HypergradientNeumann as HypergradientNeumann,
+    HypergradientUnrolled as HypergradientUnrolled,
+    argmin as argmin,
+)
 from ._fixed_point import (
     DisplacementTest as DisplacementTest,
     FixedPointError as FixedPointError,
@@ -41,7 +50,7 @@ from .solvers import (
 __version__ = "0.1.0"
 
 # Imported on first access (module-level __getattr__, PEP 562).
-_LAZY_SUBMODULES = ("data", "experiment", "feasibility", "nn", "operators", "projective")
+_LAZY_SUBMODULES = ("data", "experiment", "feasibility", "nn", "operators", "parallel", "projective")
 _LAZY_ATTRIBUTES = {"feasible_point": ("feasibility", "feasible_point")}
 
 if _TYPE_CHECKING:
@@ -51,6 +60,7 @@ if _TYPE_CHECKING:
         feasibility as feasibility,
         nn as nn,
         operators as operators,
+        parallel as parallel,
         projective as projective,
     )
     from .feasibility import feasible_point as feasible_point

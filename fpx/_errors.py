@@ -21,13 +21,15 @@ _HEADS = {
 }
 
 
-def failure_message(result: int, steps: int, residual: float, max_steps: int, solver) -> str:
+def failure_message(
+    result: int, steps: int, residual: float, max_steps: int, solver, entry: str = "fpx.fixed_point"
+) -> str:
     name = type(solver).__name__
     member = next((n for n, item in RESULTS._name_to_item.items() if int(item._value) == int(result)), None)
     head = _HEADS.get(member, "failed").format(max_steps=max_steps)
     message = RESULTS._index_to_message[int(result)]
     return (
-        f"fpx.fixed_point with {name} {head}: after {steps} steps the best residual "
+        f"{entry} with {name} {head}: after {steps} steps the best residual "
         f"|z - T(z)| was {residual:.3e} (tolerance atol + rtol*|z| with rtol={solver.rtol}, "
         f"atol={solver.atol}).\n{message}\nPass throw=False to inspect `sol.result` and "
         f"`sol.stats` instead of raising."
@@ -51,7 +53,7 @@ def unvmapped_worst(failed, *values):
     return any_failed, worst
 
 
-def raise_if_failed(sol: Solution, solver, max_steps: int) -> Solution:
+def raise_if_failed(sol: Solution, solver, max_steps: int, entry: str = "fpx.fixed_point") -> Solution:
     """Attach a run-time check that raises `FixedPointError` if `sol` failed.
 
     Eagerly the error is a `FixedPointError`; under `jit` JAX re-raises it as a
@@ -61,7 +63,7 @@ def raise_if_failed(sol: Solution, solver, max_steps: int) -> Solution:
 
     def check(failed, result, steps, residual):
         if bool(failed):
-            raise FixedPointError(failure_message(int(result), int(steps), float(residual), max_steps, solver))
+            raise FixedPointError(failure_message(int(result), int(steps), float(residual), max_steps, solver, entry))
 
     failed = sol.result != RESULTS.successful
     any_failed, (result, steps, residual) = unvmapped_worst(

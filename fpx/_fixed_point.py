@@ -185,7 +185,7 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
         solver_failed = stop & ~claims_success & finite
         converged = claims_success & finite & (residual <= PROGRESS_FRACTION * r0)
         diverged = finite & ~converged & ~solver_failed & (residual > DIVERGENCE_GROWTH * r0)
-        better = residual < c.best_residual
+        better = finite & (residual < c.best_residual)
         done = converged | solver_failed | diverged | ~finite
         result = RESULTS.where(
             converged,
@@ -230,7 +230,8 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
     # falls, however slowly; a cycling map, such as a rotation, stays bounded.)
     drift = norm(tree_sub(final.z, z0))
     drifted = (
-        (final.step >= 16)
+        (not solver.map_has_fixed_point)
+        & (final.step >= 16)
         & (final.best_residual >= r0)
         & (drift >= 0.25 * final.step.astype(rdtype) * r0)
     )

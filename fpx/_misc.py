@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -19,7 +20,13 @@ def max_norm(x) -> jax.Array:
     ```
     """
     leaves = [jnp.asarray(leaf) for leaf in jtu.tree_leaves(x)]
-    maxes = [jnp.max(jnp.abs(leaf)) for leaf in leaves if leaf.size > 0]
+    # XLA's CPU max-reduction drops NaNs in long vectors (returning -inf for an all-NaN
+    # one), so NaN is propagated explicitly: a NaN residual must never look small.
+    maxes = [
+        jnp.where(jnp.any(jnp.isnan(leaf)), jnp.nan, jnp.max(jnp.abs(leaf))).astype(jnp.abs(leaf).dtype)
+        for leaf in leaves
+        if leaf.size > 0
+    ]
     if not maxes:
         return jnp.zeros((), jnp.result_type(*leaves) if leaves else jnp.result_type(float))
     out = maxes[0]
@@ -108,6 +115,13 @@ def rms_norm(x) -> jax.Array:
     size = sum(jnp.size(leaf) for leaf in jtu.tree_leaves(x))
     norm = two_norm(x)
     return norm if size == 0 else norm / math.sqrt(size)
+
+
+def stop_gradient_arrays(tree):
+    """`lax.stop_gradient` on the array leaves of any pytree (functions, jaxprs and other static leaves pass through)."""
+    # `jnp.asarray`: stop_gradient of a tracer of a Python scalar (`jax.grad(f)(1.0)`)
+    # returns the bare Python float, which would then no longer count as an array leaf.
+    return jtu.tree_map(lambda x: jnp.asarray(jax.lax.stop_gradient(x)) if eqx.is_array(x) else x, tree)
 
 
 def tree_sub(x, y):

@@ -35,7 +35,7 @@ from jaxtyping import Array, Int, PyTree, Scalar
 
 from . import _validate as checks
 from ._errors import FixedPointError, unvmapped_worst
-from ._misc import tree_add, tree_sub, tree_where, two_norm, unguarded_norm
+from ._misc import stop_gradient_arrays, tree_add, tree_sub, tree_where, two_norm, unguarded_norm
 from ._solution import RESULTS, Solution, SolveInputs
 from .solvers import AbstractFixedPointSolver, Anderson, Halpern, NewtonKrylov, Picard
 
@@ -53,15 +53,9 @@ class AbstractAdjoint(eqx.Module):
     def apply(self, forward: Forward, inputs: SolveInputs) -> Solution: ...
 
 
-def _stop_gradient_arrays(tree):
-    # `jnp.asarray`: stop_gradient of a tracer of a Python scalar (`jax.grad(f)(1.0)`)
-    # returns the bare Python float, which would then no longer count as an array leaf.
-    return jtu.tree_map(lambda x: jnp.asarray(jax.lax.stop_gradient(x)) if eqx.is_array(x) else x, tree)
-
-
 def _undifferentiated(forward: Forward, inputs: SolveInputs) -> Solution:
     """The forward solve with every input cut from differentiation."""
-    fn, z0, args = _stop_gradient_arrays((inputs.fn, inputs.z0, inputs.args))
+    fn, z0, args = stop_gradient_arrays((inputs.fn, inputs.z0, inputs.args))
     return forward(dataclasses.replace(inputs, fn=fn, z0=z0, args=args))
 
 
@@ -654,7 +648,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             )
         coupled = _CoupledIteration(beta=self.beta, rtol=solver.rtol, atol=solver.atol, norm=solver.norm)
         rest = dataclasses.replace(inputs, fn=None, z0=None, args=None, solver=coupled, backward_probe=None)
-        z0 = _stop_gradient_arrays(inputs.z0)
+        z0 = stop_gradient_arrays(inputs.z0)
         try:
             return _reversible((inputs.fn, inputs.args), z0, rest, forward)
         except TypeError as e:

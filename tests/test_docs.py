@@ -8,6 +8,7 @@ import pytest
 
 import fpx
 import fpx.nn.nnx
+import fpx.parallel
 
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ MODULES = {
     "fpx.feasibility": fpx.feasibility,
     "fpx.projective": fpx.projective,
     "fpx.operators": fpx.operators,
+    "fpx.parallel": fpx.parallel,
     "fpx.data": fpx.data,
 }
 
@@ -62,4 +64,9 @@ def test_every_public_function_and_solver_has_an_example():
     must |= {f"fpx.projective.{n}" for n in ["Trainer", "project_margin", "project_max_graph", "prox_cross_entropy"]}
     must |= {f"fpx.operators.{n}" for n in ["FNO", "DeepONet", "GNN", "iterate", "deq", "relative_l2"]}
     must |= {f"fpx.data.{n}" for n in ["burgers", "darcy", "antiderivative", "digits"]}
+    must |= {
+        f"fpx.parallel.{n}"
+        for n in ["scan", "jacobi_decode", "greedy_decode", "jacobi_trajectories", "consistency_loss"]
+        + ["JacobiTrajectories", "ddim_sample", "picard_sample"]
+    }
     assert must <= documented, f"missing examples: {sorted(must - documented)}"

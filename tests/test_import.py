@@ -15,7 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEAVY = ("flax", "orbax", "ml_collections", "matplotlib", "sklearn", "scipy", "tqdm", "optax")
-LAZY = ("data", "experiment", "feasibility", "nn", "operators", "projective")
+LAZY = ("data", "experiment", "feasibility", "nn", "operators", "parallel", "projective")
 
 
 def fresh(code: str) -> dict:

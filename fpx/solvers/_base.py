@@ -67,6 +67,11 @@ class AbstractFixedPointSolver(eqx.Module, Generic[State]):
     # them itself in `stats(state)["num_fn_evals"]`.
     fn_evals_per_step: ClassVar[int | None] = 1
 
+    # True for solvers built for one class of maps that always has a fixed point (the
+    # trajectory maps of `fpx.parallel.scan`): the driver then never reads an iterate that
+    # moves while the residual stalls as "no fixed point" (out of steps is out of steps).
+    map_has_fixed_point: ClassVar[bool] = False
+
     def __check_init__(self):
         _check_tolerance(type(self).__name__, "rtol", self.rtol)
         _check_tolerance(type(self).__name__, "atol", self.atol)
