@@ -164,14 +164,14 @@ def _implicit_value_jvp(primals, tangents):
         # Give the probe the batch dimension of the solve (under vmap), so that its
         # cotangent, the adjoint statistics of each member, is summed over members by the
         # transpose of this broadcast rather than refused by the batching rule.
-        t_probe = t_probe + jax.lax.stop_gradient(jnp.where(True, 0.0, _first_entry(z)).astype(t_probe.dtype))
+        t_probe = t_probe + jax.lax.stop_gradient(jnp.where(True, 0.0, first_entry(z)).astype(t_probe.dtype))
     else:
         t_probe = None
     z_dot, _ = _bind((fn, z, args), y_dot, t_probe, config, False)
     return z, z_dot
 
 
-def _first_entry(tree):
+def first_entry(tree):
     leaf = jtu.tree_leaves(tree)[0]
     return jnp.reshape(leaf, (-1,))[0]
 
@@ -313,7 +313,7 @@ def _linear_transpose(inputs, cts_out):
     return jtu.tree_map(lambda _: None, residuals), ct_rhs, ct_probe, jtu.tree_map(lambda _: None, config), None
 
 
-class _Packed(eqx.Module):
+class Packed(eqx.Module):
     """The residuals `(fn, z*, args)` with every scalar array stored with shape `(1,)`.
 
     JAX inlines scalar constants into jaxprs as literals and hands them back to transpose
@@ -326,13 +326,13 @@ class _Packed(eqx.Module):
     scalar: tuple = eqx.field(static=True)
 
     @staticmethod
-    def pack(tree) -> "_Packed":
+    def pack(tree) -> "Packed":
         tree = jtu.tree_map(lambda x: jnp.asarray(x) if isinstance(x, numbers.Number) else x, tree)
         dynamic, static = eqx.partition(tree, eqx.is_array)
         leaves, treedef = jtu.tree_flatten(dynamic)
         scalar = tuple(jnp.ndim(x) == 0 for x in leaves)
         arrays = [jnp.reshape(x, (1,)) if s else x for x, s in zip(leaves, scalar)]
-        return _Packed(arrays=arrays, static=(static, treedef), scalar=scalar)
+        return Packed(arrays=arrays, static=(static, treedef), scalar=scalar)
 
     def unpack(self):
         static, treedef = self.static
@@ -341,7 +341,7 @@ class _Packed(eqx.Module):
 
 
 def _bind(residuals, rhs, probe, config, transposed):
-    packed = residuals if isinstance(residuals, _Packed) else _Packed.pack(residuals)
+    packed = residuals if isinstance(residuals, Packed) else Packed.pack(residuals)
     return eqxi.filter_primitive_bind(_linear_fixed_point_p, packed, rhs, probe, config, transposed)
 
 

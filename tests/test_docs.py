@@ -65,6 +65,11 @@ def test_every_public_function_and_solver_has_an_example():
     must |= {f"fpx.operators.{n}" for n in ["FNO", "DeepONet", "GNN", "iterate", "deq", "relative_l2"]}
     must |= {f"fpx.data.{n}" for n in ["burgers", "darcy", "antiderivative", "digits"]}
     must |= {
+        f"fpx.{n}"
+        for n in ["argmin", "HypergradientExact", "HypergradientLinearSolve", "HypergradientFixedPoint"]
+        + ["HypergradientNeumann", "HypergradientUnrolled"]
+    }
+    must |= {
         f"fpx.parallel.{n}"
         for n in ["scan", "jacobi_decode", "greedy_decode", "jacobi_trajectories", "consistency_loss"]
         + ["JacobiTrajectories", "ddim_sample", "picard_sample"]
