@@ -1,0 +1,73 @@
+"""Table and figure of a `jacobi_decoding` run: `python experiments/jacobi_decoding/figures.py RUN_DIR [--out DIR | --update-committed]`.
+
+Prints the markdown results table (from RUN_DIR/metrics.jsonl and config.json: the base
+model is the record at step `train.ar_steps`, the fine-tuned one the last record) and writes
+`jacobi.png` (mean Jacobi iterations per 16-token block and validation loss over training,
+the start of consistency fine-tuning marked) into RUN_DIR, or `--out DIR`; only
+`--update-committed` overwrites the committed `experiments/jacobi_decoding/jacobi.png`.
+"""
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import fpx.experiment as fx  # noqa: E402
+
+
+def main(workdir, out):
+    config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
+    ar_steps, block = config["train"]["ar_steps"], config["decode"]["block_size"]
+    records = sorted((r for r in fx.read_metrics(workdir) if r["member"] == 0), key=lambda r: r["step"])
+    base = next(r for r in records if r["step"] == ar_steps)
+    tuned = records[-1]
+    rows = [("base (AR only)", base), ("consistency fine-tuned", tuned)]
+    n = config["eval"]["num_prompts"]
+    print(f"| model | step | mean Jacobi iterations per {block}-token block | first block | later blocks | "
+          f"forward passes per token | prompts where Jacobi != greedy (of {n}) | validation loss (nats/char) | "
+          f"greedy tokens repeating the previous one |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['step']} | {r['eval/iterations_per_block']:.2f} | {r['eval/first_block_iterations']:.2f} | "
+              f"{r['eval/later_block_iterations']:.2f} | {r['eval/forward_passes_per_token']:.3f} | "
+              f"{r['eval/mismatched_prompts']} | {r['eval/val_loss']:.4f} | {r.get('eval/repeat_fraction', float('nan')):.3f} |")
+    speedup = base["eval/iterations_per_block"] / tuned["eval/iterations_per_block"]
+    ratio = tuned["eval/val_loss"] / base["eval/val_loss"]
+    print(f"\nIterations per block: {speedup:.2f}x fewer after fine-tuning (target >= 1.5x); "
+          f"validation loss {100 * (ratio - 1):+.1f} % (target within 10 %); parameters {tuned['eval/num_params']}.")
+
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    axes[0].plot(steps, [r["eval/iterations_per_block"] for r in records], "o-", label="all blocks")
+    axes[0].plot(steps, [r["eval/first_block_iterations"] for r in records], "s--", ms=4, label="first block")
+    axes[0].plot(steps, [r["eval/later_block_iterations"] for r in records], "^:", ms=4, label="later blocks")
+    axes[0].axhline(block, color="0.6", lw=0.8)
+    axes[0].set_ylabel(f"Jacobi iterations per {block}-token block")
+    axes[0].set_ylim(0, block + 0.5)
+    axes[1].plot(steps, [r["eval/val_loss"] for r in records], "o-", color="C3")
+    axes[1].set_ylabel("validation loss (nats / char)")
+    for ax in axes:
+        ax.axvline(ar_steps, color="k", ls="--", lw=0.8)
+        ax.set_xlabel("training step (dashed: consistency fine-tuning starts)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "jacobi.png", dpi=80)
+    print(out / "jacobi.png")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip('"'))
+    parser.add_argument("workdir", type=pathlib.Path, help="an `fpx run` directory of configs/parallel/jacobi_decoding.py")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=pathlib.Path, help="directory for jacobi.png (default: RUN_DIR)")
+    where.add_argument("--update-committed", action="store_true", help="overwrite the committed experiments/jacobi_decoding/jacobi.png")
+    args = parser.parse_args()
+    main(args.workdir, pathlib.Path(__file__).parent if args.update_committed else args.out or args.workdir)
