@@ -689,30 +689,6 @@ def _nan_tangent_unless_jvp(primals, tangents):
 # ------------------------------------------------------------------------- checks
 
 
-def _check_w0(w0) -> PyTree:
-    leaves = jtu.tree_leaves(w0)
-    if not leaves:
-        raise ValueError("`w0` has no array leaves: fpx.argmin needs at least one floating-point array to minimise over.")
-    out = []
-    for path, leaf in jtu.tree_flatten_with_path(w0)[0]:
-        where = jtu.keystr(path) or "w0"
-        try:
-            arr = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-        except (TypeError, ValueError) as e:
-            raise TypeError(
-                f"`w0` must be a pytree of floating-point arrays, but the leaf at {where} is {leaf!r} "
-                f"({type(leaf).__name__}), which is not an array."
-            ) from e
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(
-                f"`w0` must contain real floating-point arrays only, but the leaf at {where} has dtype "
-                f"{arr.dtype}: the minimiser is found by gradient steps, which need real floating-point "
-                f"weights. Cast it, e.g. `jnp.asarray(w0, jnp.float32)`."
-            )
-        out.append(arr)
-    return jtu.tree_unflatten(jtu.tree_structure(w0), out)
-
-
 def _check_loss(loss, w0, args, has_aux: bool) -> None:
     try:
         out = eqx.filter_eval_shape(loss, w0, args)
@@ -1080,7 +1056,11 @@ def argmin(
     if not isinstance(has_aux, (bool, np.bool_)):
         raise TypeError(f"`has_aux` must be True or False, got {has_aux!r}.")
     kind, eta, transform = _check_step(step)
-    w0 = _check_w0(w0)
+    w0 = checks.float_tree(
+        "`w0`", w0, empty="fpx.argmin needs at least one floating-point array to minimise over.",
+        kind="real floating-point",
+        why=": the minimiser is found by gradient steps, which need real floating-point weights",
+    )
     _check_loss(loss, w0, args, bool(has_aux))
     dtype = _dtype(w0)
 

@@ -254,30 +254,6 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
     return Solution(value=value, result=result, stats=stats)
 
 
-def _check_z0(z0) -> PyTree:
-    leaves, _ = jtu.tree_flatten(z0)
-    if not leaves:
-        raise ValueError("`z0` has no array leaves: fixed_point needs at least one floating-point array.")
-    out = []
-    for path, leaf in jtu.tree_flatten_with_path(z0)[0]:
-        where = jtu.keystr(path) or "z0"
-        try:
-            arr = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-        except (TypeError, ValueError) as e:
-            raise TypeError(
-                f"`z0` must be a pytree of floating-point arrays, but the leaf at {where} is "
-                f"{leaf!r} ({type(leaf).__name__}), which is not an array."
-            ) from e
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(
-                f"`z0` must contain floating-point arrays only, but the leaf at {where} has dtype "
-                f"{arr.dtype}. Fixed points are found by continuous iteration; cast it, e.g. "
-                f"`jnp.asarray(z0, jnp.float32)`."
-            )
-        out.append(arr)
-    return jtu.tree_unflatten(jtu.tree_structure(z0), out)
-
-
 def _check_output(fn, z0, args, has_aux: bool) -> None:
     in_struct = eqx.filter_eval_shape(lambda: z0)
     try:
@@ -436,7 +412,10 @@ def fixed_point(
             f"{type(solver).__name__} has none (multi-secant and Newton steps extrapolate "
             f"towards a fixed point at infinity instead of drifting)."
         )
-    z0 = _check_z0(z0)
+    z0 = checks.float_tree(
+        "`z0`", z0, empty="fixed_point needs at least one floating-point array.",
+        why=": fixed points are found by continuous iteration",
+    )
     _check_output(fn, z0, args, bool(has_aux))
     _warn_below_resolution(solver, z0)
     # Only the arrays of `args` travel through the solve (and its differentiation rule);

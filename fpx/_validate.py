@@ -99,6 +99,40 @@ def integer(owner: str, name: str, value: Any, *, minimum: int = 1, maximum: int
     return int(value)
 
 
+def float_tree(
+    label: str, tree: Any, *, empty: str, kind: str = "floating-point", why: str = "", example: str | None = None
+) -> Any:
+    """`tree` with every leaf an array of a floating dtype (Python and NumPy numbers converted).
+
+    `label` names the argument as the message shows it (`` `z0` ``, `` `feasible_point(z0=...)` ``);
+    `empty` says what is needed when the tree has no leaves; `why` follows the dtype (", ..."
+    or ". ..."), `example` is the name in the suggested cast.
+    """
+    import jax.numpy as jnp
+    import jax.tree_util as jtu
+
+    if not jtu.tree_leaves(tree):
+        raise ValueError(f"{label} has no array leaves: {empty}")
+    name = example or label.strip("`")
+    out = []
+    for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
+        where = jtu.keystr(path) or name
+        try:
+            arr = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"{label} must be a pytree of {kind} arrays, but the leaf at {where} is {leaf!r} "
+                f"({type(leaf).__name__}), which is not an array."
+            ) from e
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise TypeError(
+                f"{label} must contain {kind} arrays only, but the leaf at {where} has dtype {arr.dtype}"
+                f"{why}. Cast it, e.g. `jnp.asarray({name}, jnp.float32)`."
+            )
+        out.append(arr)
+    return jtu.tree_unflatten(jtu.tree_structure(tree), out)
+
+
 def function(owner: str, name: str, value: Any, *, what: str = "a function") -> Any:
     if not callable(value):
         raise TypeError(f"{_where(owner, name)} must be {what}, got {value!r} ({type(value).__name__}).")

@@ -68,26 +68,6 @@ def _check_parameters(owner: str, relaxation: Any, beta: Any) -> None:
         raise ValueError(f"`{owner}(beta=...)` must be nonzero (the difference map divides by it), got {beta!r}.")
 
 
-def _check_z0(owner: str, z0: PyTree) -> PyTree:
-    leaves, treedef = jtu.tree_flatten(z0)
-    if not leaves:
-        raise ValueError(f"`{owner}(z0=...)` has no array leaves; pass the starting point, e.g. jnp.zeros(n).")
-    out = []
-    for path, leaf in jtu.tree_flatten_with_path(z0)[0]:
-        where = jtu.keystr(path) or "z0"
-        try:
-            arr = jnp.asarray(leaf)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"`{owner}(z0=...)`: the leaf at {where} is {leaf!r}, not an array.") from e
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(
-                f"`{owner}(z0=...)` must contain floating-point arrays, but the leaf at {where} has dtype "
-                f"{arr.dtype}; cast it, e.g. jnp.asarray(z0, float)."
-            )
-        out.append(arr)
-    return jtu.tree_unflatten(treedef, out)
-
-
 def _check_outputs(owner: str, projections: tuple, z0: PyTree) -> None:
     """Every projection maps a point shaped like `z0` to one (checked at trace time)."""
     want = jax.eval_shape(lambda: z0)
@@ -421,7 +401,9 @@ def feasible_point(
         raise TypeError(f"`{owner}(throw=...)` must be True or False, got {throw!r}.")
     _check_parameters(owner, relaxation, beta)
     checks.real(owner, "certificate_rtol", certificate_rtol, low=0, high=1, low_open=True, high_open=True)
-    z0 = _check_z0(owner, z0)
+    z0 = checks.float_tree(
+        f"`{owner}(z0=...)`", z0, empty="pass the starting point, e.g. jnp.zeros(n).", example="z0"
+    )
     _check_outputs(owner, projections, z0)
     # Closure-converted, the arrays a projection closes over (traced ones included) become
     # leaves of `args`, which fixed_point differentiates through its implicit adjoint.

@@ -372,24 +372,6 @@ def _default_tolerance(dtype) -> float:
     return 10 * eps
 
 
-def _check_state(h0) -> PyTree:
-    leaves = jtu.tree_leaves(h0)
-    if not leaves:
-        raise ValueError("`h0` has no array leaves: scan needs a state of floating-point arrays.")
-    out = []
-    for path, leaf in jtu.tree_flatten_with_path(h0)[0]:
-        where = jtu.keystr(path) or "h0"
-        arr = jnp.asarray(leaf) if isinstance(leaf, (int, float, np.ndarray, np.generic, jax.Array)) else None
-        if arr is None or not jnp.issubdtype(arr.dtype, jnp.floating):
-            what = f"dtype {arr.dtype}" if arr is not None else f"{leaf!r} ({type(leaf).__name__})"
-            raise TypeError(
-                f"`h0` must be a pytree of floating-point arrays, but the leaf at {where} is {what}. "
-                f"Cast it, e.g. `jnp.asarray(h0, jnp.float32)`."
-            )
-        out.append(arr)
-    return jtu.tree_unflatten(jtu.tree_structure(h0), out)
-
-
 def _sequence_length(xs, length) -> int:
     leaves = jtu.tree_flatten_with_path(xs)[0]
     lengths = {}
@@ -542,7 +524,7 @@ def scan(
         raise TypeError("`throw` and `reverse` must be True or False.")
     checks.function("", "norm", norm, what="a function of a pytree, e.g. fpx.max_norm")
     trace_length = checks.integer("", "trace_length", trace_length, minimum=0)
-    h0 = _check_state(h0)
+    h0 = checks.float_tree("`h0`", h0, empty="scan needs a state of floating-point arrays.")
     T = _sequence_length(xs, length)
     if method == "hybrid":
         if block_size is None:
@@ -568,7 +550,7 @@ def scan(
     if h_init is None:
         H0 = jnp.broadcast_to(flat_h0, (T, flat_h0.shape[0]))
     else:
-        h_init = _check_state(h_init)
+        h_init = checks.float_tree("`h_init`", h_init, empty="pass the guessed trajectory, stacked like h0.")
         want = jtu.tree_map(lambda a: (T,) + a.shape, h0)
         got = jtu.tree_map(jnp.shape, h_init)
         if jtu.tree_structure(h_init) != jtu.tree_structure(h0) or want != got:
