@@ -97,6 +97,8 @@ def test_decode_metrics_counts_mismatches_of_a_non_causal_toy():
     assert float(got["first_block_iterations"]) == pytest.approx(its[:, 0].mean())
     assert float(got["later_block_iterations"]) == pytest.approx(its[:, 1:].mean())
     assert float(got["forward_passes_per_token"]) == pytest.approx(its.sum(1).mean() / 8)
+    previous = np.concatenate([np.asarray(prompts)[:, -1:], ref[:, :-1]], axis=1)
+    assert float(got["repeat_fraction"]) == pytest.approx((ref == previous).mean())
 
     causal = lambda tokens: jax.nn.one_hot((3 * tokens + 1) % vocab, vocab)
     ok = jd.decode_metrics(causal, prompts, 8, 4, 0)

@@ -20,10 +20,10 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict({"num_prompts": 100, "valid_windows": 64})
     c.optim = ml_collections.ConfigDict({"name": "adam", "lr": 3e-3, "b1": 0.9, "b2": 0.99})
     c.finetune = ml_collections.ConfigDict({
-        "lr": 1e-3, "num_prompts": 8, "ar_weight": 1.0, "label_smoothing": 0.0, "lm_weight": 1.0, "lm_batch_size": 16,
+        "lr": 5e-4, "num_prompts": 8, "ar_weight": 1.0, "label_smoothing": 0.0, "lm_weight": 3.0, "lm_batch_size": 16,
     })
     c.train = ml_collections.ConfigDict(
-        {"steps": 4000, "ar_steps": 3000, "warmup_steps": 100, "eval_every": 500, "checkpoint_every": 1000, "max_to_keep": 1}
+        {"steps": 1800, "ar_steps": 1500, "warmup_steps": 100, "eval_every": 300, "checkpoint_every": 1500, "max_to_keep": 2}
     )
     c.sweep = ml_collections.ConfigDict({"seed": [0]})
     if preset == "quick":

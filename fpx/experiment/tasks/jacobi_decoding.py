@@ -184,13 +184,23 @@ def decode_metrics(logits_fn, prompts, num_tokens: int, block_size: int, fill_to
     from the greedy output anywhere), `mismatched_tokens`, `iterations_per_block` (mean
     over prompts and blocks), `first_block_iterations`, `later_block_iterations` (mean of
     the first block / of the others; equal to the first when there is one block) and
-    `forward_passes_per_token` (Jacobi `logits_fn` calls per decoded token; greedy: 1).
+    `forward_passes_per_token` (Jacobi `logits_fn` calls per decoded token; greedy: 1),
+    and `repeat_fraction`: the fraction of greedy tokens equal to the token before them (a
+    degenerate model that repeats one character converges in few Jacobi iterations).
     """
     jacobi = jax.vmap(lambda p: fpp.jacobi_decode(logits_fn, p, num_tokens, block_size, fill_token=fill_token, check_causal=False))
     greedy = jax.vmap(lambda p: fpp.greedy_decode(logits_fn, p, num_tokens, fill_token=fill_token))
     tokens, stats = jacobi(prompts)
     reference = greedy(prompts)
-    return mismatch_metrics(tokens, reference, stats["iterations_per_block"], num_tokens)
+    out = mismatch_metrics(tokens, reference, stats["iterations_per_block"], num_tokens)
+    out["repeat_fraction"] = repeat_fraction(prompts, reference)
+    return out
+
+
+def repeat_fraction(prompts, generated):
+    """Fraction of `generated` `[N, n]` tokens equal to their predecessor (the prompt's last token for the first)."""
+    previous = jnp.concatenate([prompts[:, -1:], generated[:, :-1]], axis=1)
+    return jnp.mean((generated == previous).astype(jnp.float32))
 
 
 def mismatch_metrics(tokens, reference, iterations, num_tokens: int):
