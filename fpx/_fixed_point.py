@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from . import _validate as checks
 from ._errors import FixedPointError as FixedPointError, raise_if_failed
-from ._misc import dtype_eps, tree_describe, tree_sub, tree_where
+from ._misc import dtype_eps, residual_norm, tree_describe, tree_sub, tree_where
 from ._solution import RESULTS, Solution, SolveInputs
 from .adjoint import AbstractAdjoint, ImplicitAdjoint
 from .solvers import AbstractFixedPointSolver, Picard
@@ -68,6 +68,7 @@ class _Carry(eqx.Module):
     z: PyTree
     fz: PyTree
     residual: Scalar
+    r0: Scalar
     state: Any
     best_z: PyTree
     best_residual: Scalar
@@ -128,56 +129,160 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
     """The forward iteration, without any differentiation rule.
 
     `while_loop` is `lax.while_loop`, or equinox's checkpointed loop when the iterations
-    themselves are differentiated (`UnrolledAdjoint`).
+    themselves are differentiated (`UnrolledAdjoint`). With `lax.while_loop` the solve has
+    its own batching rule (see `_iterate_batched`).
     """
-    fn, z0, args, solver = inputs.fn, inputs.z0, inputs.args, inputs.solver
-    infeasibility, trace_length = inputs.infeasibility, inputs.trace_length
-    norm = solver.norm
-    fz0 = fn(z0, args)
-    diff0 = tree_sub(z0, fz0)
-    r0 = jnp.asarray(norm(diff0))
-    rdtype = r0.dtype
-    state0 = solver.init(fn, z0, fz0, args)
-    converged0, result0 = solver.terminate(z0, fz0, r0, state0)
-    finite0 = jnp.isfinite(r0)
-    result0 = RESULTS.where(finite0, RESULTS.where(converged0, result0, RESULTS.successful), RESULTS.nonfinite)
-    trace = None
-    if trace_length > 0:
-        # NaN marks "no such step"; under jax_debug_nans (which would trip on it) inf does.
-        pad = jnp.inf if jax.config.jax_debug_nans else jnp.nan
-        trace = jnp.full((trace_length,), pad, rdtype).at[0].set(r0)
-    displacement = None
-    if infeasibility is not None:
-        displacement = _Displacement(
-            z0=z0,
-            z_ref=z0,
-            scale_ref=jnp.zeros((), rdtype),
-            mismatch_ref=jnp.asarray(jnp.inf, rdtype),
-            estimate=jtu.tree_map(jnp.zeros_like, z0),
-        )
-    carry0 = _Carry(
-        step=jnp.array(0, jnp.int32),
-        z=z0,
-        fz=fz0,
-        residual=r0,
-        state=state0,
-        best_z=z0,
-        best_residual=jnp.where(finite0, r0, jnp.asarray(jnp.inf, rdtype)),
-        done=converged0 | ~finite0,
-        result=result0,
-        trace=trace,
-        displacement=displacement,
-    )
-    max_steps = inputs.max_steps
+    if while_loop is not jax.lax.while_loop:
+        return _Driver(inputs).run(while_loop)
+    # Every adjoint but `UnrolledAdjoint` (the checkpointed loop above) differentiates the
+    # solve by a rule of its own, never through this loop, and `custom_vmap` has no
+    # reverse-mode rule: what reaches here is cut from differentiation.
+    # The batching rule below must see every array the solve depends on as an input:
+    # arrays `fn` closes over (the adjoint's linear solves build such closures) become
+    # constants of its closure-converted form.
+    inputs = dataclasses.replace(inputs, fn=eqx.filter_closure_convert(inputs.fn, inputs.z0, inputs.args))
+    dynamic, static = eqx.partition(inputs, eqx.is_array)
+    dynamic = jax.lax.stop_gradient(dynamic)
 
-    def cond(c):
+    @jax.custom_batching.custom_vmap
+    def solve(dynamic):
+        return _Driver(eqx.combine(dynamic, static)).run(jax.lax.while_loop)
+
+    @solve.def_vmap
+    def solve_batched(axis_size, in_batched, dynamic):
+        (in_batched,) = in_batched
+        sol = _iterate_batched(dynamic, static, in_batched)
+        return sol, jtu.tree_map(lambda _: True, sol)
+
+    return solve(dynamic)
+
+
+def _iterate_batched(dynamic, static, in_batched) -> Solution:
+    """The solves of a `vmap`ped batch in one loop, masking only what a finished member must keep.
+
+    JAX's batching rule for a `while_loop` with a per-member stopping test keeps every
+    finished member where it stopped by selecting the *whole* loop state each step: the
+    iterate, `fn(iterate)` and a solver's memory (Anderson's 2m+2 vectors) are all read
+    twice and rewritten. Here a finished member keeps stepping instead, harmlessly, and only
+    what the solution is read from is frozen: the step count, the result, the best iterate
+    (which holds the converged iterate itself on success), the residual trace, the
+    infeasibility estimates and the solver's counters and scalars (`_frozen_leaves`).
+    The members' results are identical to solving them one by one.
+    """
+    leaves, treedef = jtu.tree_flatten(dynamic)
+    axes = [0 if batched else None for batched in jtu.tree_leaves(in_batched)]
+
+    def per_member(method):
+        def run(leaves, *carry):
+            return getattr(_Driver(eqx.combine(jtu.tree_unflatten(treedef, leaves), static)), method)(*carry)
+
+        return lambda *carry: jax.vmap(run, in_axes=(axes,) + (0,) * len(carry))(leaves, *carry)
+
+    carry0 = per_member("start")()
+    frozen = _frozen_leaves(carry0, free_running=type(static.solver).vmap_free_running)
+    max_steps = static.max_steps
+
+    def active(c):
         return ~c.done & (c.step < max_steps)
 
     def body(c):
+        new = per_member("advance")(c)
+        keep = active(c)
+
+        def merge(freeze, n, o):
+            if not freeze:
+                return n
+            return jnp.where(jnp.reshape(keep, keep.shape + (1,) * (n.ndim - 1)), n, o)
+
+        return jtu.tree_map(merge, frozen, new, c)
+
+    final = jax.lax.while_loop(lambda c: jnp.any(active(c)), body, carry0)
+    return per_member("finish")(final)
+
+
+def _frozen_leaves(carry: _Carry, free_running: bool) -> _Carry:
+    """Which leaves of the batched loop state a finished member must not change (True).
+
+    Free-running: the iterate, `fn(iterate)` and the solver state's floating-point arrays
+    with at least as many entries per member as `z` (its vector memory). Everything else
+    (counters, flags, scalars, small matrices such as a Gram matrix) is frozen, so
+    `solver.stats(state)` reports the member's own solve. Without `free_running` (the
+    solver's `vmap_free_running`) everything is frozen, as JAX's own rule does.
+    """
+    if not free_running:
+        return jtu.tree_map(lambda _: True, carry)
+    size = sum(int(np.prod(leaf.shape[1:])) for leaf in jtu.tree_leaves(carry.z))
+
+    def state_leaf(leaf):
+        per_member = int(np.prod(leaf.shape[1:]))
+        return not (jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.ndim > 1 and per_member >= size)
+
+    fields = {f.name: jtu.tree_map(lambda _: True, getattr(carry, f.name)) for f in dataclasses.fields(carry)}
+    fields["z"] = jtu.tree_map(lambda _: False, carry.z)
+    fields["fz"] = jtu.tree_map(lambda _: False, carry.fz)
+    fields["state"] = jtu.tree_map(state_leaf, carry.state)
+    return _Carry(**fields)
+
+
+class _Driver:
+    """One member's solve in three parts (`start`, `advance` one step, `finish`), so that
+    `_iterate` can run them in one `while_loop` and `_iterate_batched` under its own masks."""
+
+    def __init__(self, inputs: SolveInputs):
+        self.inputs = inputs
+        self.fn, self.args, self.solver = inputs.fn, inputs.args, inputs.solver
+        self.norm = self.solver.norm
+
+    def run(self, while_loop) -> Solution:
+        max_steps = self.inputs.max_steps
+        final = while_loop(lambda c: ~c.done & (c.step < max_steps), self.advance, self.start())
+        return self.finish(final)
+
+    def start(self) -> _Carry:
+        fn, args, solver, norm, inputs = self.fn, self.args, self.solver, self.norm, self.inputs
+        z0 = inputs.z0
+        fz0 = fn(z0, args)
+        r0 = jnp.asarray(residual_norm(norm, z0, fz0))
+        rdtype = r0.dtype
+        state0 = solver.init(fn, z0, fz0, args)
+        converged0, result0 = solver.terminate(z0, fz0, r0, state0)
+        finite0 = jnp.isfinite(r0)
+        result0 = RESULTS.where(finite0, RESULTS.where(converged0, result0, RESULTS.successful), RESULTS.nonfinite)
+        trace = None
+        if inputs.trace_length > 0:
+            # NaN marks "no such step"; under jax_debug_nans (which would trip on it) inf does.
+            pad = jnp.inf if jax.config.jax_debug_nans else jnp.nan
+            trace = jnp.full((inputs.trace_length,), pad, rdtype).at[0].set(r0)
+        displacement = None
+        if inputs.infeasibility is not None:
+            displacement = _Displacement(
+                z0=z0,
+                z_ref=z0,
+                scale_ref=jnp.zeros((), rdtype),
+                mismatch_ref=jnp.asarray(jnp.inf, rdtype),
+                estimate=jtu.tree_map(jnp.zeros_like, z0),
+            )
+        return _Carry(
+            step=jnp.array(0, jnp.int32),
+            z=z0,
+            fz=fz0,
+            residual=r0,
+            r0=r0,
+            state=state0,
+            best_z=z0,
+            best_residual=jnp.where(finite0, r0, jnp.asarray(jnp.inf, rdtype)),
+            done=converged0 | ~finite0,
+            result=result0,
+            trace=trace,
+            displacement=displacement,
+        )
+
+    def advance(self, c: _Carry) -> _Carry:
+        fn, args, solver, norm = self.fn, self.args, self.solver, self.norm
+        infeasibility, r0 = self.inputs.infeasibility, c.r0
         z, fz, state = solver.step(fn, c.z, c.fz, args, c.state)
         k = c.step + 1
-        diff = tree_sub(z, fz)
-        residual = jnp.asarray(norm(diff)).astype(rdtype)
+        residual = jnp.asarray(residual_norm(norm, z, fz)).astype(r0.dtype)
         finite = jnp.isfinite(residual)
         stop, result = solver.terminate(z, fz, residual, state)
         claims_success = stop & (result == RESULTS.successful)
@@ -185,7 +290,9 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
         solver_failed = stop & ~claims_success & finite
         converged = claims_success & finite & (residual <= PROGRESS_FRACTION * r0)
         diverged = finite & ~converged & ~solver_failed & (residual > DIVERGENCE_GROWTH * r0)
-        better = finite & (residual < c.best_residual)
+        # The converged iterate is returned as it is, even if an earlier one had a smaller
+        # residual (possible with a relative tolerance), so it always becomes the "best".
+        better = finite & ((residual < c.best_residual) | converged)
         done = converged | solver_failed | diverged | ~finite
         result = RESULTS.where(
             converged,
@@ -200,7 +307,7 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
         if infeasibility is not None:
             tol = solver.atol + solver.rtol * norm(z)
             infeasible, displacement = _check_infeasible(
-                infeasibility, solver, c, k, z, fz, diff, residual, tol
+                infeasibility, solver, c, k, z, fz, tree_sub(z, fz), residual, tol
             )
             infeasible = infeasible & ~done
             done = done | infeasible
@@ -213,6 +320,7 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
             z=z,
             fz=fz,
             residual=residual,
+            r0=r0,
             state=state,
             best_z=tree_where(better, z, c.best_z),
             best_residual=jnp.where(better, residual, c.best_residual),
@@ -222,36 +330,36 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
             displacement=displacement,
         )
 
-    final = while_loop(cond, body, carry0)
-    result = RESULTS.where(final.done, final.result, RESULTS.max_steps_reached)
-    # Out of steps with no iterate better than z0, while the iterate moved away at a rate
-    # comparable to the residual: the signature of a map without a fixed point, such as
-    # z + 1. (A slowly converging contraction also moves at that rate, but its residual
-    # falls, however slowly; a cycling map, such as a rotation, stays bounded.)
-    drift = norm(tree_sub(final.z, z0))
-    drifted = (
-        (not solver.map_has_fixed_point)
-        & (final.step >= 16)
-        & (final.best_residual >= r0)
-        & (drift >= 0.25 * final.step.astype(rdtype) * r0)
-    )
-    result = RESULTS.where((result == RESULTS.max_steps_reached) & drifted, RESULTS.diverged, result)
-    # On success return the converged iterate itself; otherwise the best one seen.
-    value = tree_where(result == RESULTS.successful, final.z, final.best_z)
-    residual = jnp.where(result == RESULTS.successful, final.residual, final.best_residual)
-    stats: dict[str, Any] = {
-        "num_steps": final.step,
-        "residual_norm": residual,
-    }
-    per_step = solver.fn_evals_per_step
-    if per_step is not None:
-        stats["num_fn_evals"] = 1 + per_step * final.step
-    stats.update(solver.stats(final.state))
-    if trace is not None:
-        stats["residual_trace"] = final.trace
-    if infeasibility is not None:
-        stats["displacement"] = final.displacement.estimate
-    return Solution(value=value, result=result, stats=stats)
+    def finish(self, final: _Carry) -> Solution:
+        solver, norm, r0 = self.solver, self.norm, final.r0
+        result = RESULTS.where(final.done, final.result, RESULTS.max_steps_reached)
+        # Out of steps with no iterate better than z0, while the iterate moved away at a rate
+        # comparable to the residual: the signature of a map without a fixed point, such as
+        # z + 1. (A slowly converging contraction also moves at that rate, but its residual
+        # falls, however slowly; a cycling map, such as a rotation, stays bounded.) Only a
+        # member that ran every step reads `final.z`, which is its last iterate.
+        drift = norm(tree_sub(final.z, self.inputs.z0))
+        drifted = (
+            (not solver.map_has_fixed_point)
+            & (final.step >= 16)
+            & (final.best_residual >= r0)
+            & (drift >= 0.25 * final.step.astype(r0.dtype) * r0)
+        )
+        result = RESULTS.where((result == RESULTS.max_steps_reached) & drifted, RESULTS.diverged, result)
+        # On success the best iterate is the converged one; otherwise the best one seen.
+        stats: dict[str, Any] = {
+            "num_steps": final.step,
+            "residual_norm": final.best_residual,
+        }
+        per_step = solver.fn_evals_per_step
+        if per_step is not None:
+            stats["num_fn_evals"] = 1 + per_step * final.step
+        stats.update(solver.stats(final.state))
+        if final.trace is not None:
+            stats["residual_trace"] = final.trace
+        if final.displacement is not None:
+            stats["displacement"] = final.displacement.estimate
+        return Solution(value=final.best_z, result=result, stats=stats)
 
 
 def _check_output(fn, z0, args, has_aux: bool) -> None:
@@ -372,6 +480,12 @@ def fixed_point(
     running out of steps without any iterate improving on the residual of `z0` while the
     iterate drifts away (a map without a fixed point, such as `z + 1`). Non-finite values end it as
     `RESULTS.nonfinite`.
+
+    **Under `jax.vmap`** one loop serves the whole batch and runs until its slowest member
+    stops; each member still stops on its own test and reports its own `value`, `result`
+    and `stats`, exactly as if solved alone. Finished members keep stepping unmasked (their
+    answer is already stored), which spares the loop a masked rewrite of its whole state
+    every step.
 
     **Returns:** an `fpx.Solution` with `value`, `result`, `stats` (`num_steps`,
     `residual_norm`, `num_fn_evals`, and solver-specific entries) and `aux`.

@@ -78,6 +78,39 @@ def _scaled_two_norm_jvp(primals, tangents):
     return out, jnp.where(degenerate, 0.0, dot).astype(out.dtype)
 
 
+@jax.custom_jvp
+def _two_norm_of_difference(a, b):
+    import equinox.internal as eqxi
+
+    pairs = list(zip(jtu.tree_leaves(a), jtu.tree_leaves(b)))
+    if not pairs:
+        return jnp.zeros((), jnp.result_type(float))
+    # As `_scaled_two_norm`, but the subtraction stays inside the sum of squares (one fused
+    # pass over `a` and `b`) and inside the rescaling branch, which then takes `a` and `b`
+    # as its operands: the difference is never written out.
+    squares = sum(jnp.sum(jnp.square(x - y)) for x, y in pairs)
+    plain_ok = jnp.isfinite(squares) & (squares >= jnp.finfo(squares.dtype).tiny)
+    return jax.lax.cond(
+        eqxi.unvmap_any(~plain_ok),
+        lambda: _rescaled_two_norm([x - y for x, y in pairs]),
+        lambda: jnp.sqrt(squares),
+    )
+
+
+@_two_norm_of_difference.defjvp
+def _two_norm_of_difference_jvp(primals, tangents):
+    (a, b), (ta, tb) = primals, tangents
+    diff, tdiff = jax.jvp(lambda a, b: jtu.tree_map(jnp.subtract, a, b), (a, b), (ta, tb))
+    return _scaled_two_norm_jvp((diff,), (tdiff,))
+
+
+def residual_norm(norm, z, fz) -> jax.Array:
+    """`norm(z - fz)`; for `two_norm` without writing the difference out (one pass fewer per step)."""
+    if norm is two_norm:
+        return _two_norm_of_difference(z, fz)
+    return norm(tree_sub(z, fz))
+
+
 def two_norm(x) -> jax.Array:
     """The Euclidean norm of a pytree of arrays, computed without overflow.
 

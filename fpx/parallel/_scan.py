@@ -18,7 +18,7 @@ lower-bidiagonal and nilpotent, which gives every method here the *prefix proper
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -225,6 +225,8 @@ def damped_newton_step(A, r, damping, diagonal: bool = False):
 
 class _TrajectorySolver(AbstractFixedPointSolver):
     """A solver that knows the recurrence behind the trajectory map it iterates."""
+
+    vmap_free_running: ClassVar[bool] = True  # counters-only stats, no inner loops
 
     recurrence: _Recurrence
     rtol: float

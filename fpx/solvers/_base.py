@@ -72,6 +72,15 @@ class AbstractFixedPointSolver(eqx.Module, Generic[State]):
     # moves while the residual stalls as "no fixed point" (out of steps is out of steps).
     map_has_fixed_point: ClassVar[bool] = False
 
+    # Under `vmap`, whether a member that has finished may keep stepping unmasked while the
+    # rest of the batch runs; the driver then freezes only what the solution is read from,
+    # and of the state only counters, scalars and arrays smaller than `z` (`_frozen_leaves`
+    # in the driver). A solver opts in when its `stats` read nothing else of the state and
+    # its step has no data-dependent inner loop (whose length a finished member's wandering
+    # iterate would set for the batch: Newton–Krylov's GMRES and line search). The default
+    # keeps JAX's own rule: every finished member's whole state frozen.
+    vmap_free_running: ClassVar[bool] = False
+
     def __check_init__(self):
         _check_tolerance(type(self).__name__, "rtol", self.rtol)
         _check_tolerance(type(self).__name__, "atol", self.atol)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -71,6 +72,8 @@ class Halpern(AbstractFixedPointSolver[_HalpernState]):
     assert sol.converged and sol.stats["num_steps"] < 200 and sol.stats["num_restarts"] > 5
     ```
     """
+
+    vmap_free_running: ClassVar[bool] = True  # counters-only stats, no inner loops
 
     contraction: float | None = None
     restart: float | None = None

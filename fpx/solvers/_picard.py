@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax.numpy as jnp
 from jaxtyping import PyTree, Scalar
@@ -23,6 +24,8 @@ class Picard(AbstractFixedPointSolver[None]):
     assert jnp.allclose(sol.value, 2.0, atol=1e-4)
     ```
     """
+
+    vmap_free_running: ClassVar[bool] = True  # counters-only stats, no inner loops
 
     rtol: float = 1e-5
     atol: float = 1e-6
@@ -53,6 +56,8 @@ class KM(AbstractFixedPointSolver[None]):
     assert sol.converged
     ```
     """
+
+    vmap_free_running: ClassVar[bool] = True  # counters-only stats, no inner loops
 
     alpha: float = 0.5
     rtol: float = 1e-5

@@ -38,6 +38,8 @@ class MemoryState(eqx.Module):
 class AbstractMemorySolver(AbstractFixedPointSolver):
     """What Anderson and Broyden share: their argument checks and one evaluation per step."""
 
+    vmap_free_running: ClassVar[bool] = True  # counters-only stats, no inner loops
+
     # Subclasses declare `memory`, `beta`, `safeguard`, `rtol`, `atol`, `norm`.
 
     fn_evals_per_step: ClassVar[int | None] = 1

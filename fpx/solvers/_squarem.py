@@ -76,6 +76,8 @@ class SQUAREM(AbstractFixedPointSolver[_SquaremState]):
     ```
     """
 
+    vmap_free_running: ClassVar[bool] = True  # counters-only stats, no inner loops
+
     scheme: int = 3
     step_min: float = 1.0
     step_max: float = 1.0
