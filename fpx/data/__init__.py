@@ -4,6 +4,8 @@ Every generator is a pure function of its arguments: the same arguments give the
 arrays (NumPy, float32 unless documented), on any run. Nothing is downloaded.
 
 - `burgers`, `darcy`: the FNO benchmarks (1-D viscous Burgers, 2-D Darcy flow).
+- `solve_darcy_iterative`, `solve_sequence`, `skr_order`: the iterative solvers behind
+  `darcy(solver=...)` (multigrid-preconditioned CG, deflated CG with Krylov recycling, SKR order).
 - `antiderivative`, `poisson1d`: DeepONet operators on random functions at sensors.
 - `value_iteration_mdps`: random MDPs with optimal values (graph value iteration).
 - `csbm`: contextual stochastic block model graphs (node classification).
@@ -22,5 +24,11 @@ from ._cache import data_dir as data_dir
 from ._darcy import darcy as darcy
 from ._deeponet import DeepONetData as DeepONetData, antiderivative as antiderivative, poisson1d as poisson1d
 from ._digits import digits as digits
+from ._elliptic import (
+    EllipticSolution as EllipticSolution,
+    skr_order as skr_order,
+    solve_darcy_iterative as solve_darcy_iterative,
+    solve_sequence as solve_sequence,
+)
 from ._graphs import Graph as Graph, csbm as csbm
 from ._mdp import MDPs as MDPs, bellman as bellman, value_iteration_mdps as value_iteration_mdps
