@@ -27,6 +27,7 @@ RUN_ELSEWHERE = {
     "configs/fno/burgers.py": "tests/test_operator_experiments.py",
     "configs/deeponet/antiderivative.py": "tests/test_operator_experiments.py",
     "configs/operators/iterations.py": "tests/test_iterations_experiment.py",
+    "configs/operators/darcy_benchmark.py": "tests/test_darcy_benchmark.py",
     "configs/parallel/jacobi_decoding.py": "tests/test_parallel_tasks.py",
     "configs/parallel/parallel_sampling.py": "tests/test_parallel_tasks.py",
 }
