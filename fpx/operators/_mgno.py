@@ -118,11 +118,14 @@ def _conv(x: Float[Array, "*n ci"], w: Float[Array, "*k ci co"], boundary: str, 
     gives `ceil(s/2)` points, the value at coarse point `j` centred on fine point `2j`.
     """
     d = x.ndim - 1
+    # Zero ghost points as the convolution's own padding: a separate pad costs a copy of
+    # every feature map and, on XLA:CPU, doubles a 2-D training step.
+    zero = boundary == "zero"
     y = lax.conv_general_dilated(
-        _pad(x, boundary)[None],
+        (x if zero else _pad(x, boundary))[None],
         w.astype(x.dtype),
         window_strides=(stride,) * d,
-        padding="VALID",
+        padding=[(1, 1)] * d if zero else "VALID",
         dimension_numbers=_CONV_LAYOUT[d],
     )
     return y[0]
