@@ -154,6 +154,10 @@ def _iterate(inputs: SolveInputs, while_loop: Callable = jax.lax.while_loop) -> 
         sol = _iterate_batched(dynamic, static, in_batched)
         return sol, jtu.tree_map(lambda _: True, sol)
 
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(dynamic)):
+        # Called eagerly, `custom_vmap` would evaluate its jaxpr one primitive at a time,
+        # compiling each; one compiled call instead.
+        return jax.jit(solve)(dynamic)
     return solve(dynamic)
 
 
