@@ -269,7 +269,9 @@ def test_attention_quadrature_converges_with_resolution(attention):
     y16, y32, y64 = (np.asarray(apply(params, u(s)))[:: s // 16] for s in (16, 32, 64))
     d1, d2 = float(np.abs(y16 - y32).max()), float(np.abs(y32 - y64).max())
     assert 0 < d1 < 0.1 * float(np.abs(y64).max())
-    assert 1.6 < d1 / d2 < 2.6, (d1, d2)
+    # First order: each doubling of the resolution halves the difference (measured 1.80-2.01).
+    assert d1 / d2 > 1.6, (d1, d2)
+    assert d1 / d2 < 2.6, (d1, d2)
 
 
 # --------------------------------------------------------------------------- errors
