@@ -13,7 +13,8 @@ accelerated DR (split seed 0).
 Usage:
     .venv/bin/python benchmarks/bench_projective.py            # all methods, 3 seeds (~20 min on 2 cores)
     .venv/bin/python benchmarks/bench_projective.py --quick    # 2 methods, 1 seed, 100 updates
-    .venv/bin/python benchmarks/bench_projective.py --timing   # ms/update of every method, 60 updates (~4 min)
+    .venv/bin/python benchmarks/bench_projective.py --timing   # ms/update of every method, 60 updates (~4 min),
+                                                               # first the default Trainer vs Adam, interleaved
     .venv/bin/python benchmarks/bench_projective.py --update-committed   # regenerate the committed results
 
 Writes `bench_projective[_quick|_timing].json` and the markdown tables (`.md`) into `--out DIR`
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,16 +68,8 @@ def run(name, seed, updates, steps, anchor, eval_every=25, batch=64):
     rng = np.random.default_rng(seed)
     if spec is None:
         optimizer = optax.adam(1e-3)
-        opt_state = optimizer.init(params)
-
-        @jax.jit
-        def step(params, opt_state, x, y):
-            loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(jax.vmap(mlp, (None, 0))(p, x), y).mean()  # noqa: E731
-            grads = jax.grad(loss)(params)
-            updates_, opt_state = optimizer.update(grads, opt_state)
-            return optax.apply_updates(params, updates_), opt_state, {}
-
-        carry = opt_state
+        carry = optimizer.init(params)
+        step = adam_step(optimizer)
     else:
         kwargs = {k: v for k, v in spec.items() if k != "skip"}
         kwargs.setdefault("solver", fpx.Picard(**STRICT))
@@ -115,6 +109,53 @@ def run(name, seed, updates, steps, anchor, eval_every=25, batch=64):
         "state_floats_per_parameter": None if state_floats is None else state_floats / n_params,
         "parameters": n_params,
     }
+
+
+def adam_step(optimizer):
+    """A jitted Adam step on the identical plain-JAX model and loss (softmax cross-entropy)."""
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(jax.vmap(mlp, (None, 0))(p, x), y).mean()  # noqa: E731
+        grads = jax.grad(loss)(params)
+        updates_, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates_), opt_state, {}
+
+    return step
+
+
+def default_vs_adam(seed=0, updates=60, batch=64):
+    """ms/update of the default `Trainer(mlp, loss="cross_entropy")` and of Adam, interleaved.
+
+    Both train from the same initialisation on the same minibatches, alternating one update
+    each (so that load changes hit both alike); medians over the updates after the compiling
+    first one. Returns the two medians and their ratio.
+    """
+    x_train, y_train, _, _ = (jnp.asarray(a) for a in digits(seed=seed))
+    y_train = y_train.astype(jnp.int32)
+    params = init_mlp(jax.random.key(seed), 64, 64, 10, False, jnp.float32)
+    trainer = fpx.projective.Trainer(mlp, loss="cross_entropy")  # the defaults a user gets
+    t_params, t_state, t_step = params, trainer.init(params, x_train[:batch], y_train[:batch]), jax.jit(trainer.update)
+    optimizer = optax.adam(1e-3)
+    a_params, a_state, a_step = params, optimizer.init(params), adam_step(optimizer)
+    rng = np.random.default_rng(seed)
+    times = {"trainer": [], "adam": []}
+    for k in range(updates):
+        index = rng.choice(x_train.shape[0], batch, replace=False)
+        xb, yb = x_train[index], y_train[index]
+        start = time.perf_counter()
+        t_params, t_state, _ = t_step(t_params, t_state, xb, yb)
+        jax.block_until_ready(t_params)
+        mid = time.perf_counter()
+        a_params, a_state, _ = a_step(a_params, a_state, xb, yb)
+        jax.block_until_ready(a_params)
+        end = time.perf_counter()
+        if k > 0:
+            times["trainer"].append(mid - start)
+            times["adam"].append(end - mid)
+    trainer_ms, adam_ms = (1e3 * float(np.median(times[k])) for k in ("trainer", "adam"))
+    return {"trainer_default_ms": trainer_ms, "adam_ms": adam_ms, "ratio": trainer_ms / adam_ms, "updates": updates,
+            "load_average": list(os.getloadavg())}
 
 
 def summarise(rows):
@@ -186,6 +227,14 @@ def main(argv=None):
         opts.updates, opts.seeds = 60, [0]
         opts.budgets = [b for b in opts.budgets if b != opts.steps]
     info = machine_info()
+    head_to_head = None
+    if opts.timing:
+        head_to_head = default_vs_adam()
+        print(
+            f"default Trainer {head_to_head['trainer_default_ms']:.1f} ms/update vs Adam {head_to_head['adam_ms']:.2f} "
+            f"(x{head_to_head['ratio']:.0f}; load {head_to_head['load_average'][0]:.1f})",
+            flush=True,
+        )
     rows = []
     for name in opts.methods:
         for seed in opts.seeds:
@@ -200,12 +249,18 @@ def main(argv=None):
             print(f"budget {name:12s} {steps:3d}: {100 * r['test_accuracy']:.1f} %  {r['ms_per_update']:.1f} ms/update", flush=True)
     summary = summarise(rows)
     text = markdown(summary, budget_rows, info, opts.updates, opts.anchor)
+    if head_to_head:
+        text += (
+            f"\nDefault `Trainer(mlp, loss=\"cross_entropy\")` vs Adam, interleaved in one process (split seed 0, "
+            f"{head_to_head['updates']} updates each, load {head_to_head['load_average'][0]:.1f}): "
+            f"{head_to_head['trainer_default_ms']:.1f} vs {head_to_head['adam_ms']:.2f} ms/update ({head_to_head['ratio']:.0f}x).\n"
+        )
     print(text)
     out = RESULTS if opts.update_committed else opts.out
     out.mkdir(parents=True, exist_ok=True)
     name = "bench_projective_quick" if opts.quick else "bench_projective_timing" if opts.timing else "bench_projective"
     options = {k: v for k, v in vars(opts).items() if k not in ("out", "update_committed")}  # what was measured
-    (out / f"{name}.json").write_text(json.dumps({"machine": info, "options": options, "summary": summary, "runs": rows, "budget": budget_rows}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({"machine": info, "options": options, "summary": summary, "runs": rows, "budget": budget_rows, "default_vs_adam": head_to_head}, indent=1))
     print(f"wrote {out / f'{name}.json'}")
     if not opts.update_committed:
         (out / f"{name}.md").write_text(text)

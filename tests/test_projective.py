@@ -175,7 +175,7 @@ def test_unsupported_primitive_names_it_and_the_supported_list():
 
 
 def _setup(model, params, x, y, loss="margin"):
-    problem = fpx.projective.Trainer(model, loss=loss).problem(params, x, y)
+    problem = fpx.projective.Trainer(model, loss=loss, anchor=0.0).problem(params, x, y)
     return problem.graph, problem.known, problem.z0, jax.jit(problem.project_k), jax.jit(problem.project_g)
 
 
@@ -286,7 +286,7 @@ def test_trainer_reaches_a_feasible_point_and_reports_it():
     params = _params(key, (4, 6, 3))
     x = jax.random.normal(jax.random.key(9), (6, 4))
     y = jnp.array([0, 1, 2, 0, 1, 2])
-    trainer = fpx.projective.Trainer(mlp, loss="margin", margin=0.5, steps=3000, solver=fpx.Anderson(rtol=1e-9, atol=1e-10))
+    trainer = fpx.projective.Trainer(mlp, loss="margin", margin=0.5, anchor=0.0, steps=3000, solver=fpx.Anderson(rtol=1e-9, atol=1e-10))
     state = trainer.init(params, x, y)
     new, state, info = jax.jit(trainer.update)(params, state, x, y)
     assert bool(info["converged"]) and not bool(info["infeasible"])
@@ -302,10 +302,16 @@ def test_infeasible_minibatch_is_flagged():
     model = lambda w, x: x @ w  # noqa: E731
     x = jnp.array([[1.0, 2.0], [1.0, 2.0]])
     y = jnp.array([0, 1])
-    trainer = fpx.projective.Trainer(model, loss="margin", steps=400, solver=fpx.Picard(rtol=1e-10, atol=1e-12))
+    trainer = fpx.projective.Trainer(
+        model, loss="margin", anchor=0.0, steps=400, solver=fpx.Picard(rtol=1e-10, atol=1e-12), detect_infeasible=True
+    )
     w = jnp.zeros((2, 2))
     _, _, info = trainer.update(w, trainer.init(w, x, y), x, y)
     assert bool(info["infeasible"]) and not bool(info["converged"])
+    # Off by default (its bookkeeping is a large share of a fixed step budget): the budget runs out.
+    default = fpx.projective.Trainer(model, loss="margin", anchor=0.0, steps=400, solver=fpx.Picard(rtol=1e-10, atol=1e-12))
+    _, _, info = default.update(w, default.init(w, x, y), x, y)
+    assert not bool(info["infeasible"]) and not bool(info["converged"]) and int(info["steps"]) == 400
 
 
 def test_trainer_learns_with_warm_start_across_minibatches():
@@ -409,7 +415,7 @@ def test_every_method_fits_a_separable_minibatch(method):
     x, y = _separable(jax.random.key(20))
     w = jnp.zeros((2, 2))
     trainer = fpx.projective.Trainer(
-        LINEAR, loss="margin", method=method, steps=5000, solver=fpx.Picard(rtol=0.0, atol=1e-10)
+        LINEAR, loss="margin", method=method, anchor=0.0, steps=5000, solver=fpx.Picard(rtol=0.0, atol=1e-10)
     )
     new, state, info = jax.jit(trainer.update)(w, trainer.init(w, x, y), x, y)
     assert not bool(info["infeasible"]) and int(info["steps"]) < 5000 and float(info["residual"]) <= 1e-10
@@ -437,7 +443,7 @@ def test_anchor_weights_the_current_parameters_in_the_consensus():
     params = _params(key, (4, 6, 3))
     x, y = jax.random.normal(jax.random.key(22), (5, 4)), jnp.array([0, 1, 2, 0, 1])
     anchor = 3.0
-    plain = fpx.projective.Trainer(mlp).problem(params, x, y)
+    plain = fpx.projective.Trainer(mlp, anchor=0.0).problem(params, x, y)
     anchored = fpx.projective.Trainer(mlp, anchor=anchor).problem(params, x, y)
     z = _perturb(plain.z0, jax.random.key(23))
     # P_K with an anchor: a parameter's consensus is (sum of its c copies + anchor c theta) /
