@@ -4,14 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all bench install clean
+.PHONY: run test test-all bench docs install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,cluster]"
+	$(PY) -m pip install --quiet -e ".[test,cluster,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,8 +28,12 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 	$(PY) -m pytest -q --nbmake notebooks
 
+# The documentation site, built strictly (a broken link or a missing API reference fails).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

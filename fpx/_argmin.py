@@ -72,6 +72,15 @@ class AbstractHypergradient(eqx.Module):
     in `fpx.backward_probe()` layout `[num_steps, residual_norm, failed]`. A failed solve
     raises `FixedPointError` at run time with `throw=True` and gives a NaN hypergradient
     with `throw=False`; it is never returned silently.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    loss = lambda w, lam: jnp.sum((w - 1.0) ** 2) + lam * jnp.sum(w ** 2)   # w* = 1 / (1 + lam)
+    for adjoint in [fpx.HypergradientExact(), fpx.HypergradientLinearSolve()]:
+        assert isinstance(adjoint, fpx.AbstractHypergradient)
+        g = jax.grad(lambda lam: fpx.argmin(loss, jnp.zeros(3), lam, adjoint=adjoint).value.sum())(0.5)
+        assert jnp.allclose(g, -3 / 1.5 ** 2, rtol=1e-3)
+    ```
     """
 
 

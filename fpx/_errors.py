@@ -9,7 +9,20 @@ from ._solution import RESULTS, Solution
 
 
 class FixedPointError(RuntimeError):
-    """Raised (at run time, also under `jax.jit`) by `fixed_point(..., throw=True)`."""
+    """Raised (at run time, also under `jax.jit`) by `fixed_point(..., throw=True)`.
+
+    ```python
+    import jax.numpy as jnp, fpx
+    try:
+        fpx.fixed_point(lambda z, _: 0.999 * z + 1.0, jnp.zeros(2), max_steps=10)   # too few steps
+    except fpx.FixedPointError as e:                 # under jax.jit: wrapped in JAX's runtime error
+        assert "max_steps=10" in str(e) and "throw=False" in str(e)
+    else:
+        raise AssertionError("expected a FixedPointError")
+    sol = fpx.fixed_point(lambda z, _: 0.999 * z + 1.0, jnp.zeros(2), max_steps=10, throw=False)
+    assert sol.result == fpx.RESULTS.max_steps_reached                              # throw=False never raises
+    ```
+    """
 
 
 _HEADS = {

@@ -42,6 +42,15 @@ class DisplacementTest(eqx.Module):
     `sol.stats["displacement"]` then holds the recent-window drift `v̂`. A problem
     whose residual changes by less than about `rtol` over `min_steps` iterations cannot
     be told apart from an infeasible one within that window; raise `min_steps` there.
+
+    ```python
+    import jax.numpy as jnp, fpx
+    shift = lambda z, _: z + jnp.array([1.0, 0.0])          # T z = z + (1, 0) has no fixed point
+    sol = fpx.fixed_point(shift, jnp.zeros(2), solver=fpx.Picard(), throw=False,
+                          detect_infeasible=fpx.DisplacementTest(min_steps=16))
+    assert sol.result == fpx.RESULTS.infeasible
+    assert jnp.allclose(sol.stats["displacement"], jnp.array([-1.0, 0.0]), atol=1e-2)
+    ```
     """
 
     rtol: float = 1e-2

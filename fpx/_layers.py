@@ -28,6 +28,14 @@ def normalized_adjacency(adjacency: Float[Array, "n n"], mask: Float[Array, " n"
 
     `A` must be symmetric and non-negative; padded nodes (`mask == 0`) are disconnected
     and get zero rows and columns.
+
+    ```python
+    import jax.numpy as jnp, fpx
+    adjacency = jnp.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])   # an edge 0-1, node 2 padding
+    a_hat = fpx.nn.normalized_adjacency(adjacency, mask=jnp.array([1.0, 1.0, 0.0]))
+    assert jnp.allclose(a_hat[:2, :2], 0.5) and jnp.all(a_hat[2] == 0)
+    assert jnp.linalg.norm(a_hat, 2) <= 1 + 1e-6
+    ```
     """
     n = adjacency.shape[0]
     if mask is None:

@@ -13,6 +13,15 @@ class RESULTS(eqx.Enumeration):
 
     `sol.result == fpx.RESULTS.successful` is a boolean array (one entry per vmapped
     member); `RESULTS[sol.result]` gives the message.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    solve = lambda c: fpx.fixed_point(lambda z, c: c * z + 1.0, jnp.zeros(1), c, max_steps=100, throw=False)
+    sols = jax.vmap(solve)(jnp.array([0.5, 1.5]))                # a contraction and an expansion
+    assert (sols.result == fpx.RESULTS.successful).tolist() == [True, False]
+    assert (sols.result == fpx.RESULTS.diverged).tolist() == [False, True]
+    print(fpx.RESULTS[solve(1.5).result])                       # the message of one solve's result
+    ```
     """
 
     successful = ""
@@ -68,6 +77,14 @@ class Solution(eqx.Module):
       `residual_trace` / `displacement` when requested.
     - `aux`: with `fixed_point(..., has_aux=True)`, the auxiliary output of `fn` at `value`
       (`fn(value, args)[1]`); otherwise `None`.
+
+    ```python
+    import jax.numpy as jnp, fpx
+    sol = fpx.fixed_point(lambda z, a: (0.5 * z + a, jnp.sum(z)), jnp.zeros(2), jnp.ones(2), has_aux=True)
+    assert isinstance(sol, fpx.Solution) and sol.converged      # converged: result == RESULTS.successful
+    assert jnp.allclose(sol.value, 2.0, atol=1e-4) and jnp.allclose(sol.aux, 4.0, atol=1e-3)
+    assert sol.stats["num_steps"] > 0 and sol.stats["num_fn_evals"] == sol.stats["num_steps"] + 1
+    ```
     """
 
     value: PyTree[Any]

@@ -47,6 +47,16 @@ class AbstractAdjoint(eqx.Module):
 
     `inputs` is an `fpx.SolveInputs` bundle (the closure-converted `fn`, `z0`, the array
     part of `args`, the solver, `max_steps`, ...); `forward` is the driver's iteration.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    class Delegating(fpx.AbstractAdjoint):        # an adjoint is an eqx.Module with `apply`
+        inner: fpx.AbstractAdjoint = fpx.ImplicitAdjoint()
+        def apply(self, forward, inputs):
+            return self.inner.apply(forward, inputs)
+    f = lambda a: fpx.fixed_point(lambda z, a: 0.5 * z + a, jnp.zeros(2), a, adjoint=Delegating()).value.sum()
+    assert jnp.allclose(jax.grad(f)(jnp.ones(2)), 2.0, rtol=1e-4)   # z* = 2a
+    ```
     """
 
     @abc.abstractmethod

@@ -7,6 +7,7 @@ import re
 import pytest
 
 import fpx
+import fpx.experiment
 import fpx.nn.nnx
 import fpx.parallel
 
@@ -23,6 +24,7 @@ MODULES = {
     "fpx.operators": fpx.operators,
     "fpx.parallel": fpx.parallel,
     "fpx.data": fpx.data,
+    "fpx.experiment": fpx.experiment,
 }
 
 

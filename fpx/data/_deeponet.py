@@ -23,6 +23,14 @@ class DeepONetData(NamedTuple):
 
     This is the "aligned" (Cartesian-product) layout; the triplet layout of the DeepONet
     paper is `(sensors[i], y[j], u[i, j])` for sampled index pairs `(i, j)`.
+
+    ```python
+    import fpx
+    data = fpx.data.antiderivative(8, m=50, num_points=20, cache=False)
+    assert isinstance(data, fpx.data.DeepONetData)
+    assert data.x.shape == (50,) and data.sensors.shape == (8, 50)
+    assert data.y.shape == (20,) and data.u.shape == (8, 20)
+    ```
     """
 
     x: Float[np.ndarray, " m"]

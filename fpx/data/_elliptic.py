@@ -309,7 +309,16 @@ def make_preconditioner(op: DarcyOperator, kind: str | None, *, levels=None, smo
 class EllipticSolution(eqx.Module):
     """What the solvers return: `value` (the solution), `result` (an `fpx.RESULTS` member),
     `num_steps` (CG iterations, i.e. operator applications inside the loop),
-    `residual_norm` (the true relative residual `|f - A u|_2 / |f|_2` of `value`)."""
+    `residual_norm` (the true relative residual `|f - A u|_2 / |f|_2` of `value`).
+
+    ```python
+    import numpy as np, fpx
+    a, u = fpx.data.darcy(1, s=29, cache=False)
+    sol = fpx.data.solve_darcy_iterative(a[0], rtol=1e-5)     # multigrid-preconditioned CG
+    assert isinstance(sol, fpx.data.EllipticSolution) and sol.result == fpx.RESULTS.successful
+    assert sol.residual_norm <= 1e-5 and np.allclose(sol.value, u[0], rtol=1e-3, atol=1e-5)
+    ```
+    """
 
     value: Array
     result: RESULTS

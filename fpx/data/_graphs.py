@@ -19,6 +19,13 @@ class Graph(NamedTuple):
       `(i, j)` and `(j, i)`, no self-loops, no duplicates, sorted by `(sender, receiver)`.
     - `features`: `(N, F)` float32 node features.
     - `labels`: `(N,)` int32 classes in `0 .. classes-1`.
+
+    ```python
+    import numpy as np, fpx
+    g = fpx.data.csbm(100, seed=0, classes=2, features=8, cache=False)
+    assert isinstance(g, fpx.data.Graph) and g.features.shape == (100, 8) and g.labels.shape == (100,)
+    assert len(g.senders) == len(g.receivers) and np.all(g.senders != g.receivers)   # no self-loops
+    ```
     """
 
     senders: Int[np.ndarray, " e"]

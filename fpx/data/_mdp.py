@@ -15,6 +15,14 @@ class MDPs(NamedTuple):
     """A batch of `n` MDPs padded to `S` states and `A` actions.
 
     Fields are documented in `value_iteration_mdps`.
+
+    ```python
+    import numpy as np, fpx
+    mdps = fpx.data.value_iteration_mdps(2, seed=0, states=(5, 8), actions=(2, 4), cache=False)
+    assert isinstance(mdps, fpx.data.MDPs)
+    assert mdps.transitions.shape == (2, 7, 3, 7) and mdps.values.shape == (2, 7)
+    assert np.allclose(mdps.transitions.sum(-1)[mdps.state_mask], 1.0)   # rows of real states and actions sum to 1
+    ```
     """
 
     transitions: Float[np.ndarray, "n S A S"]

@@ -24,7 +24,18 @@ ConfigDict = ml_collections.ConfigDict
 
 
 class ConfigError(ValueError):
-    """A config key, type or value is wrong; the message says which and what is allowed."""
+    """A config key, type or value is wrong; the message says which and what is allowed.
+
+    ```python
+    import fpx.experiment as fx
+    try:                                                     # run from the repository root
+        fx.resolve_config("configs/quickstart.py:quick", {"optim.lrr": "1e-3"})
+    except fx.ConfigError as e:
+        assert "optim.lrr" in str(e) and "lr" in str(e)      # names the key and the nearest valid one
+    else:
+        raise AssertionError
+    ```
+    """
 
 
 def split_spec(spec: str) -> tuple[pathlib.Path, str | None]:
@@ -33,7 +44,14 @@ def split_spec(spec: str) -> tuple[pathlib.Path, str | None]:
 
 
 def config_module(path: pathlib.Path):
-    """Import a config file as a module (its `get_config`, `PRESETS`, docstring)."""
+    """Import a config file as a module (its `get_config`, `PRESETS`, docstring).
+
+    ```python
+    import pathlib, fpx.experiment as fx
+    module = fx.config_module(pathlib.Path("configs/quickstart.py"))   # run from the repository root
+    assert module.PRESETS == ("quick", "default") and module.get_config("quick").train.steps == 40
+    ```
+    """
     module_spec = importlib.util.spec_from_file_location(f"fpx_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -41,7 +59,15 @@ def config_module(path: pathlib.Path):
 
 
 def load_config(spec: str) -> ConfigDict:
-    """Load `path/to/config.py[:preset]` by calling its `get_config(preset)`."""
+    """Load `path/to/config.py[:preset]` by calling its `get_config(preset)`.
+
+    ```python
+    import fpx.experiment as fx
+    config = fx.load_config("configs/quickstart.py:quick")   # path[:preset], from the repository root
+    assert config.experiment == "deq_classifier" and config.train.steps == 40
+    assert fx.load_config("configs/quickstart.py").train.steps == 400   # no preset: get_config(None)
+    ```
+    """
     path, preset = split_spec(spec)
     if path.is_dir():
         raise ConfigError(f"config {str(path)!r} is a directory; give a config file, e.g. {path}/<name>.py (`fpx list --root {path}`).")
@@ -126,7 +152,15 @@ def check_type(path: str, old, new):
 
 
 def apply_overrides(config: ConfigDict, overrides: Mapping[str, str]) -> ConfigDict:
-    """Apply `--config.a.b=value` overrides (values parsed as Python literals)."""
+    """Apply `--config.a.b=value` overrides (values parsed as Python literals).
+
+    ```python
+    import fpx.experiment as fx
+    config = fx.load_config("configs/quickstart.py:quick")  # run from the repository root
+    config = fx.apply_overrides(config, {"optim.lr": "1e-2", "solver.name": "picard", "sweep.lr": "[1e-3, 1e-2]"})
+    assert config.optim.lr == 1e-2 and config.solver.name == "picard" and list(config.sweep.lr) == [1e-3, 1e-2]
+    ```
+    """
     from ._registry import REGISTRIES, lookup, parameters
 
     config = ConfigDict(config.to_dict())

@@ -101,7 +101,19 @@ TASKS: Mapping[str, Callable] = MappingProxyType(_TASKS)
 
 
 def register_task(name: str):
-    """Decorator: `@register_task("deq_classifier")` on a `build(config) -> Task` function."""
+    """Decorator: `@register_task("deq_classifier")` on a `build(config) -> Task` function.
+
+    ```python
+    import fpx.experiment as fx
+
+    @fx.register_task("docs_example_task")
+    def build_docs_example_task(config):
+        raise NotImplementedError      # returns a Task built from the config (see fpx.experiment.Task)
+
+    build_docs_example_task.headline = ("eval/loss",)      # the metrics `fpx report` shows first
+    assert fx.TASKS["docs_example_task"] is build_docs_example_task
+    ```
+    """
 
     def wrap(build):
         _TASKS[name] = build
@@ -111,7 +123,14 @@ def register_task(name: str):
 
 
 def load_tasks() -> Mapping[str, Callable]:
-    """Import the built-in tasks (each module of `fpx/experiment/tasks` registers its own); return `TASKS`."""
+    """Import the built-in tasks (each module of `fpx/experiment/tasks` registers its own); return `TASKS`.
+
+    ```python
+    import fpx.experiment as fx
+    tasks = fx.load_tasks()
+    assert {"deq_classifier", "fno_burgers"} <= set(tasks) and tasks is fx.TASKS
+    ```
+    """
     import importlib
     import pkgutil
 
@@ -152,7 +171,18 @@ def check_section(section: str, cfg: Mapping[str, Any]) -> None:
 
 
 def build(section: str, cfg: Mapping[str, Any], **extra) -> Any:
-    """Instantiate `cfg["name"]` from the `section` registry with the other keys as arguments."""
+    """Instantiate `cfg["name"]` from the `section` registry with the other keys as arguments.
+
+    ```python
+    import fpx, fpx.experiment as fx
+    solver = fx.build("solver", {"name": "anderson", "memory": 3, "rtol": 1e-4})
+    assert isinstance(solver, fpx.Anderson) and solver.memory == 3 and solver.rtol == 1e-4
+    try:
+        fx.build("solver", {"name": "anderson", "memroy": 3})
+    except fx.ConfigError as e:
+        assert "memory" in str(e)                             # "Did you mean 'memory'?"
+    ```
+    """
     check_section(section, cfg)
     factory = lookup(section, cfg["name"])
     kwargs = {k: v for k, v in cfg.items() if k != "name"}

@@ -40,7 +40,21 @@ _SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
 
 
 class ReportWarning(UserWarning):
-    """A run directory is incomplete (a missing shard, an interrupted run); the report covers the rest."""
+    """A run directory is incomplete (a missing shard, an interrupted run); the report covers the rest.
+
+    ```python
+    import json, pathlib, tempfile, warnings
+    from fpx.experiment import ReportWarning, report
+    run = pathlib.Path(tempfile.mkdtemp())
+    (run / "config.json").write_text(json.dumps({"name": "demo", "train": {"steps": 20}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"unit": 0, "member": 0, "step": 10,
+        "hparams": {"seed": 0}, "train/loss": 0.5}) + "\\n")    # a run killed at step 10 of 20
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report([run])
+    assert any(issubclass(w.category, ReportWarning) for w in caught)
+    ```
+    """
 
 
 def is_replicate_key(key: str) -> bool:

@@ -27,7 +27,21 @@ from typing import Any
 
 class RunDirectoryError(RuntimeError):
     """A run directory is missing, in use, incomplete or corrupt; the message names the
-    path, what is wrong and how to proceed."""
+    path, what is wrong and how to proceed.
+
+    ```python
+    import pathlib, tempfile
+    from fpx.experiment import RunDirectoryError, read_jsonl
+    path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    path.write_text('{"step": 1}\\nnot json\\n{"step": 3}\\n')
+    try:
+        read_jsonl(path)
+    except RunDirectoryError as e:
+        assert "metrics.jsonl" in str(e)                     # names the file (and the line)
+    else:
+        raise AssertionError
+    ```
+    """
 
 
 # ---------------------------------------------------------------- atomic files
@@ -116,6 +130,15 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_partial_tail: bool = False) 
     A corrupt line is a `RunDirectoryError` naming the file and line. With
     `tolerate_partial_tail`, a last line without its newline (what a crash during an append
     leaves) is dropped instead.
+
+    ```python
+    import pathlib, tempfile
+    from fpx.experiment import read_jsonl
+    path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    assert read_jsonl(path) == []                            # no file yet
+    path.write_text('{"step": 1}\\n{"step": 2}\\n{"st')       # a crash during the last append
+    assert read_jsonl(path, tolerate_partial_tail=True) == [{"step": 1}, {"step": 2}]
+    ```
     """
     path = pathlib.Path(path)
     if not path.exists():

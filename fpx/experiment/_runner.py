@@ -50,7 +50,16 @@ from ._rundir import (
 
 
 def build_task(config: ConfigDict):
-    """The task of `config.experiment`, built from (one member's) config."""
+    """The task of `config.experiment`, built from (one member's) config.
+
+    ```python
+    import fpx.experiment as fx
+    config = fx.resolve_config("configs/quickstart.py:quick")   # run from the repository root
+    member = fx.member_config(config, fx.expand_sweep(config)[0])
+    task = fx.build_task(member)
+    assert isinstance(task, fx.Task) and "optim.lr" in task.dynamic
+    ```
+    """
     load_tasks()
     name = config.experiment
     if name not in TASKS:
@@ -59,7 +68,18 @@ def build_task(config: ConfigDict):
 
 
 def resolve_config(spec_or_config, overrides: Mapping[str, str] | None = None) -> ConfigDict:
-    """Load (if given a `path[:preset]`), override and validate a config."""
+    """Load (if given a `path[:preset]`), override and validate a config.
+
+    ```python
+    import fpx.experiment as fx
+    config = fx.resolve_config("configs/quickstart.py:quick", {"solver.memory": "8"})   # from the repository root
+    assert config.solver.memory == 8
+    try:
+        fx.resolve_config("configs/quickstart.py:quick", {"solver.memroy": "8"})
+    except fx.ConfigError as e:
+        assert "memory" in str(e)
+    ```
+    """
     config = load_config(spec_or_config) if isinstance(spec_or_config, str) else spec_or_config
     schema = config.to_dict()
     config = apply_overrides(config, overrides or {})
@@ -144,7 +164,15 @@ def variant_items(config: ConfigDict) -> list[tuple[str, dict[str, Any]]]:
 
 def expand_sweep(config: ConfigDict) -> list[dict[str, Any]]:
     """Members as `{config path: value}` (in order): the variants (if any) times the
-    product of the sweep lists. A variant's name is recorded under the key `variant`."""
+    product of the sweep lists. A variant's name is recorded under the key `variant`.
+
+    ```python
+    import fpx.experiment as fx
+    config = fx.resolve_config("configs/quickstart.py:quick", {"sweep.seed": "[0, 1]"})   # from the repository root
+    members = fx.expand_sweep(config)
+    assert len(members) == 4 and {"optim.lr": 1e-3, "seed": 1} in members   # 2 learning rates x 2 seeds
+    ```
+    """
     items = sweep_items(config)
     keys = [k for k, _ in items]
     values = [v for _, v in items]
@@ -420,7 +448,15 @@ def _units(config, members, selected, sweep_chunk):
 
 
 def member_config(config: ConfigDict, assignment: Mapping[str, Any]) -> ConfigDict:
-    """The config of one sweep member: `config` with `assignment` (an `expand_sweep` entry) applied."""
+    """The config of one sweep member: `config` with `assignment` (an `expand_sweep` entry) applied.
+
+    ```python
+    import fpx.experiment as fx
+    config = fx.resolve_config("configs/quickstart.py:quick")   # run from the repository root
+    second = fx.member_config(config, fx.expand_sweep(config)[1])
+    assert fx.expand_sweep(config)[1] == {"optim.lr": 3e-3} and second.optim.lr == 3e-3
+    ```
+    """
     cfg = ConfigDict(config.to_dict())
     for path, value in assignment.items():
         if path != VARIANT:
@@ -592,7 +628,7 @@ def read_metrics(workdir: str | os.PathLike, *, tolerate_partial_tail: bool = Tr
     workdir = tempfile.mkdtemp()
     fpx.experiment.run("configs/quickstart.py:quick", {"train.steps": "20"}, workdir=workdir, progress=False)
     records = fpx.experiment.read_metrics(workdir)
-    assert [r["step"] for r in records] == [20]
+    assert sorted((r["member"], r["step"]) for r in records) == [(0, 20), (1, 20)]   # 2 learning rates
     ```
     """
     return read_jsonl(pathlib.Path(workdir) / "metrics.jsonl", tolerate_partial_tail=tolerate_partial_tail)

@@ -37,6 +37,26 @@ class Task(abc.ABC):
     `headline` names the metrics that are the task's result (`"eval/test_rel_l2"`, ...):
     `fpx report` shows them first and plots all of them. A registered build function
     declares them as `build_<name>.headline = (...)` (see `task_headline`).
+
+    ```python
+    import jax, jax.numpy as jnp, fpx.experiment as fx
+
+    class Quadratic(fx.Task):                  # minimise |w - 1|^2 by gradient steps
+        dynamic = ("seed", "optim.lr")         # may differ between the members of one vmapped sweep
+        def init(self, hp, key):
+            return {"w": jax.random.normal(key, (3,))}
+        def train_step(self, state, hp, key):
+            loss, g = jax.value_and_grad(lambda w: jnp.sum((w - 1.0) ** 2))(state["w"])
+            return {"w": state["w"] - hp["optim.lr"] * g}, {"train/loss": loss}
+        def evaluate(self, state, hp):
+            return {"eval/loss": jnp.sum((state["w"] - 1.0) ** 2)}
+
+    task, hp = Quadratic(), {"seed": 0, "optim.lr": 0.1}
+    state = task.init(hp, jax.random.key(0))
+    for k in range(50):
+        state, metrics = task.train_step(state, hp, jax.random.key(k))
+    assert task.evaluate(state, hp)["eval/loss"] < 1e-6
+    ```
     """
 
     dynamic: ClassVar[tuple[str, ...]] = ("seed",)

@@ -227,6 +227,14 @@ def project(model):
     """Apply every cell's `.project()` (constraint projection) found in `model`.
 
     Call after each optimizer step to keep, e.g., `ContractiveCell` contractive.
+
+    ```python
+    import equinox as eqx, jax.numpy as jnp, jax.random as jr, fpx
+    cell = fpx.nn.ContractiveCell(jr.PRNGKey(0), state_size=4, input_size=2, gamma=0.5)
+    cell = eqx.tree_at(lambda c: c.weight, cell, 3.0 * cell.weight)   # e.g. after an optimizer step
+    model = fpx.nn.project(fpx.nn.DEQ(cell))                          # finds the cell inside the model
+    assert jnp.linalg.norm(model.cell.weight, 2) <= 0.5 + 1e-5
+    ```
     """
 
     def is_projectable(x):

@@ -57,6 +57,22 @@ class AbstractFixedPointSolver(eqx.Module, Generic[State]):
     - `step(fn, z, fz, args, state) -> (z_next, fz_next, state_next)`: `fz == fn(z, args)`
       on entry; the step proposes the next iterate and evaluates `fn` there.
     - optionally `terminate`, `stats`, and `drift_scale` (enables infeasibility detection).
+
+    ```python
+    from collections.abc import Callable
+    import jax.numpy as jnp, fpx
+    class Averaged(fpx.AbstractFixedPointSolver):
+        rtol: float = 1e-5
+        atol: float = 1e-6
+        norm: Callable = fpx.two_norm
+        def init(self, fn, z0, fz0, args):
+            return None                                    # no state
+        def step(self, fn, z, fz, args, state):
+            z_next = 0.5 * (z + fz)                        # the next iterate, and fn evaluated there
+            return z_next, fn(z_next, args), state
+    sol = fpx.fixed_point(lambda z, a: jnp.cos(z) + a, jnp.zeros(2), jnp.zeros(2), solver=Averaged())
+    assert sol.converged and jnp.allclose(sol.value, jnp.cos(sol.value), atol=1e-4)
+    ```
     """
 
     # Subclasses declare the fields `rtol: float`, `atol: float` and
