@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..feasibility import project_bilinear_graph, project_relu_graph
+from ._scalar import _scalar_graph, _step_graph, hard_tanh, leaky_relu, scalar_function, step_function
 from ._sets import _max2_graph, _reduce_max_graph
 
 # Wrappers whose body is inlined (parameter holding the body, in order of preference).
@@ -67,6 +68,13 @@ _LINEAR_IN_ONE = {"mul", "div", "dot_general"}  # linear when one operand is kno
 _MAX = {"max", "min"}
 _ELEMENTWISE = {"add", "add_any", "sub", "mul", "div", "max", "min", "select_n"}
 _DENSE_LIMIT = 4096  # largest output of a linear node projected through a dense I + L L^T
+# Elementwise monotone maps (kind "scalar", projected by `_scalar._scalar_graph`).
+_SCALAR = {"tanh": "tanh", "logistic": "logistic", "exp": "exp", "expm1": "expm1", "log": "log", "log1p": "log1p"}
+# Piecewise-constant maps (kind "step", projected by `_scalar._step_graph`).
+_STEP = {"sign", "floor", "ceil", "round"}
+# Inlined calls recognised by name (and checked by value) as one elementwise map.
+_WRAPPED = ("softplus", "logaddexp", "leaky_relu", "hard_tanh", "heaviside")
+_POOL = {"reduce_window_max", "reduce_window_sum", "reduce_window"}
 
 SUPPORTED = tuple(
     sorted(
@@ -75,6 +83,11 @@ SUPPORTED = tuple(
         | _LINEAR_DIAGONAL
         | _LINEAR_IN_ONE
         | _MAX
+        | set(_SCALAR)
+        | _STEP
+        | {"stop_gradient", "reduce_window_max", "reduce_window_sum", "reduce_window (max or add)"}
+        | {f"jax.nn.{w}" for w in ("softplus", "leaky_relu", "hard_tanh")}
+        | {"jnp.heaviside"}
         | {"reduce_max", "conv_general_dilated (one known operand)"}
     )
 )
@@ -291,8 +304,22 @@ def build_graph(model: Callable, params, x) -> Graph:
         return Alias(out)
 
     def walk(jaxpr, env):
-        for eqn in jaxpr.eqns:
+        straight, skipped = _straight_through(jaxpr)
+        for position, eqn in enumerate(jaxpr.eqns):
             name = eqn.primitive.name
+            if position in skipped:  # the `q(x) - x` and stop_gradient of a straight-through estimator
+                continue
+            if position in straight:  # x + stop_gradient(q(x) - x): its value is q(x)
+                env[eqn.outvars[0]] = read(env, straight[position])
+                continue
+            if name in _INLINE and eqn.params.get("name") in _WRAPPED:
+                refs = [read(env, v) for v in eqn.invars]
+                found = _recognise(eqn, refs, constants)
+                if found is not None:
+                    kind, info, ref, fn = found
+                    aval = eqn.outvars[0].aval
+                    env[eqn.outvars[0]] = add_node(kind, fn, [ref], aval.shape, aval.dtype, eqn.params["name"], info)
+                    continue
             if name in _INLINE:
                 body, consts = _inline_body(eqn)
                 inner = {}
@@ -322,7 +349,13 @@ def build_graph(model: Callable, params, x) -> Graph:
                     env[v] = o
                 continue
             if len(eqn.outvars) != 1 or not jnp.issubdtype(out_aval.dtype, jnp.floating):
-                raise _unsupported(name, "its output is not a single floating-point array")
+                why = "its output is not a single floating-point array"
+                if out_aval.dtype == jnp.bool_:
+                    why += (
+                        "; comparisons of parameter-dependent values (as inside jnp.where on them) are not "
+                        "supported, only the recognised maps listed below"
+                    )
+                raise _unsupported(name, why, eqn)
             fn = _bind(eqn.primitive, eqn.params)
             shape, dtype = out_aval.shape, out_aval.dtype
             if name in _ELEMENTWISE:
@@ -335,7 +368,28 @@ def build_graph(model: Callable, params, x) -> Graph:
                     for r, v in zip(refs, eqn.invars)
                 ]
             unknown = [r for r in refs if isinstance(r, Alias)]
-            if name in _ALIAS:
+            if name == "stop_gradient":  # the identity on values (its zero derivative plays no part here)
+                env[eqn.outvars[0]] = refs[0]
+            elif name in _SCALAR and len(refs) == 1:
+                env[eqn.outvars[0]] = add_node(
+                    "scalar", scalar_function(_SCALAR[name]), refs, shape, dtype, name, (_SCALAR[name], 0.0)
+                )
+            elif name in _STEP and len(refs) == 1:
+                function = name
+                if name == "round":
+                    function = "round" if int(eqn.params.get("rounding_method", 0)) == 1 else "round_away"
+                env[eqn.outvars[0]] = add_node("step", step_function(function), refs, shape, dtype, name, (function, 0.5))
+            elif name in _POOL:
+                env[eqn.outvars[0]] = _pool(eqn, refs, add_node, constants)
+            elif name == "div" and isinstance(refs[1], Alias):
+                raise _unsupported(
+                    name,
+                    "its divisor depends on the parameters: a quotient of two parameter-dependent values, as in "
+                    "jax.nn.softmax (exp(z) / sum(exp(z))) or a normalisation layer, has no exact projection. "
+                    "Return the logits and use Trainer(loss='cross_entropy') instead of a softmax",
+                    eqn,
+                )
+            elif name in _ALIAS:
                 env[eqn.outvars[0]] = refs[0].then(fn)
             elif name in _LINEAR_DIAGONAL:
                 env[eqn.outvars[0]] = add_node("linear", fn, refs, shape, dtype, name, ("diagonal",))
@@ -370,7 +424,12 @@ def build_graph(model: Callable, params, x) -> Graph:
             elif name == "reduce_max":
                 env[eqn.outvars[0]] = add_node("reduce_max", fn, refs, shape, dtype, name, (tuple(eqn.params["axes"]),))
             else:
-                raise _unsupported(name)
+                why = None
+                if len(unknown) >= 2:
+                    why = f"{len(unknown)} of its operands depend on the parameters and it is not a product (mul, dot_general)"
+                elif name in _SCALAR or name in _STEP:
+                    why = "it has an unexpected number of operands"
+                raise _unsupported(name, why, eqn)
         return env
 
     walk(jaxpr, env)
@@ -410,10 +469,215 @@ def _dot_is_diagonal(eqn, refs) -> bool:
     return math.prod(free) == 1
 
 
-def _unsupported(name, why=None):
+def _straight_through(jaxpr):
+    """Straight-through estimators `x + stop_gradient(q - x)` in one jaxpr.
+
+    Returns `({index of the add: q}, {indices of the sub and stop_gradient})`. Their value is
+    `q` (up to the rounding of `x + (q - x)`), so the add is read as `q` and the other two
+    equations, used nowhere else, are skipped: a binary-weight layer `x @ ste(sign(W))`
+    becomes one "step" node on W.
+    """
+    uses: dict = {}
+    producer: dict = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                uses[v] = uses.get(v, 0) + 1
+        for v in eqn.outvars:
+            producer[v] = i
+    for v in jaxpr.outvars:
+        if not isinstance(v, jcore.Literal):
+            uses[v] = uses.get(v, 0) + 1
+    straight, skipped = {}, set()
+    for i, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive.name not in ("add", "add_any") or any(isinstance(v, jcore.Literal) for v in eqn.invars):
+            continue
+        for x, d in (eqn.invars, eqn.invars[::-1]):
+            j = producer.get(d)
+            if j is None or jaxpr.eqns[j].primitive.name != "stop_gradient" or uses.get(d) != 1:
+                continue
+            diff = jaxpr.eqns[j].invars[0]
+            k = producer.get(diff)
+            if k is None or jaxpr.eqns[k].primitive.name != "sub" or uses.get(diff) != 1:
+                continue
+            q, x2 = jaxpr.eqns[k].invars
+            if x2 is not x or isinstance(q, jcore.Literal):
+                continue
+            if not (q.aval.shape == x.aval.shape == eqn.outvars[0].aval.shape):
+                continue
+            straight[i] = q
+            skipped |= {j, k}
+            break
+    return straight, skipped
+
+
+_PROBE = np.array([-7.0, -3.0, -1.5, -1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0, 1.5, 3.0, 7.0])
+
+
+def _recognise(eqn, refs, constants):
+    """`(kind, info, ref, fn)` when an inlined call is one of `_WRAPPED` on one unknown operand.
+
+    Recognised by the call's name and confirmed by value: the body, evaluated at probe
+    points (with its other operands, which must be constants), must equal the map the
+    node projects onto. Anything else returns None and is inlined as usual.
+    """
+    name = eqn.params.get("name")
+    unknown = [i for i, r in enumerate(refs) if isinstance(r, Alias)]
+    if len(unknown) != 1 or len(eqn.outvars) != 1:
+        return None
+    (i,) = unknown
+    aval, out = eqn.invars[i].aval, eqn.outvars[0].aval
+    if aval.shape != out.shape or aval.dtype != out.dtype or not jnp.issubdtype(aval.dtype, jnp.floating):
+        return None
+    if any(not isinstance(r, Alias) and r.index not in constants for r in refs):
+        return None
+    try:
+        body, consts = _inline_body(eqn)
+        if len(body.invars) != len(refs):
+            return None
+        with jax.ensure_compile_time_eval():
+            others = [None if isinstance(r, Alias) else np.asarray(constants[r.index]) for r in refs]
+            call = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(body, list(consts)))
+
+            def evaluate(u):
+                args = [u if j == i else others[j] for j in range(len(refs))]
+                return np.asarray(call(*args)[0])
+
+            size = max(math.prod(aval.shape), 1)
+            probes = [
+                np.resize(np.roll(_PROBE, -k), size).reshape(aval.shape).astype(aval.dtype)
+                for k in range(0, len(_PROBE), size)
+            ]
+            other = [o for j, o in enumerate(others) if j != i]
+            if name in ("softplus", "logaddexp"):
+                if name == "logaddexp" and not (len(other) == 1 and np.all(other[0] == 0)):
+                    return None
+                kind, info, fn = "scalar", ("softplus", 0.0), scalar_function("softplus")
+            elif name == "leaky_relu":
+                slope = float(-evaluate(np.full(aval.shape, -1, aval.dtype)).reshape(-1)[0])
+                kind, info, fn = "scalar", ("leaky_relu", slope), partial(leaky_relu, negative_slope=slope)
+            elif name == "hard_tanh":
+                kind, info, fn = "scalar", ("hard_tanh", 0.0), hard_tanh
+            elif name == "heaviside":
+                if len(other) != 1 or np.ndim(other[0]) != 0:
+                    return None
+                at_zero = float(other[0])
+                kind, info, fn = "step", ("heaviside", at_zero), step_function("heaviside", at_zero)
+            else:
+                return None
+            tol = 1e-5 if jnp.finfo(aval.dtype).bits <= 32 else 1e-12
+            for probe in probes:
+                if not np.allclose(evaluate(probe), np.asarray(fn(jnp.asarray(probe))), rtol=tol, atol=tol):
+                    return None
+    except Exception:  # noqa: BLE001 - not recognisable (e.g. traced constants): inline instead
+        return None
+    return kind, info, refs[i], fn
+
+
+def _window_indices(eqn, shape):
+    """Flat input indices `(*out_shape, window)` of every window of a reduce_window, and their validity."""
+    p = eqn.params
+    window, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
+    base_dilation = p.get("base_dilation") or (1,) * len(shape)
+    window_dilation = p.get("window_dilation") or (1,) * len(shape)
+    nd = len(shape)
+    per_dim = []
+    for d in range(nd):
+        n, w, st, (lo, hi), bd, wd = shape[d], window[d], strides[d], padding[d], base_dilation[d], window_dilation[d]
+        size = (n - 1) * bd + 1 + lo + hi
+        count = max((size - ((w - 1) * wd + 1)) // st + 1, 0)
+        pos = np.arange(count)[:, None] * st + np.arange(w)[None, :] * wd - lo
+        valid = (pos >= 0) & (pos <= (n - 1) * bd) & (pos % bd == 0)
+        per_dim.append((np.where(valid, pos // bd, 0), valid))
+    out_shape = tuple(idx.shape[0] for idx, _ in per_dim)
+    flat = np.zeros(out_shape + tuple(window), dtype=np.int64)
+    valid = np.ones(out_shape + tuple(window), dtype=bool)
+    stride = 1
+    for d in reversed(range(nd)):
+        idx, ok = per_dim[d]
+        layout = [1] * (2 * nd)
+        layout[d], layout[nd + d] = idx.shape
+        flat = flat + stride * idx.reshape(layout)
+        valid = valid & ok.reshape(layout)
+        stride *= shape[d]
+    w = math.prod(window)
+    return out_shape, flat.reshape(out_shape + (w,)), valid.reshape(out_shape + (w,))
+
+
+def _gather(value, index):
+    return value.reshape(-1)[index]
+
+
+def _pool(eqn, refs, add_node, constants):
+    """Max/sum pooling: the windows as one re-indexing (an alias), then a reduction node.
+
+    Every window gets its own copy of its entries, so overlapping windows are exact too:
+    the consensus maps the copies back onto the input with multiplicity (the transpose of
+    the gather is a scatter-add). Max pooling is a `reduce_max` node over the window axis
+    (a padded entry, -inf, is replaced by a copy of a real entry of the same window, which
+    leaves the maximum unchanged); sum pooling a diagonal linear node summing the real
+    entries. The generic `reduce_window` is accepted with a `max` (any constant initial
+    value, applied as a `max` node after) or `add` (initial value 0) body.
+    """
+    name = eqn.primitive.name
+    operand, out = eqn.invars[0].aval, eqn.outvars[0].aval
+    ref = refs[0]
+    if name == "reduce_window":
+        body = eqn.params["jaxpr"]
+        body = body.jaxpr if isinstance(body, jcore.ClosedJaxpr) else body
+        ops = [e.primitive.name for e in body.eqns]
+        init = refs[1] if len(refs) == 2 else None
+        if len(refs) != 2 or not isinstance(init, Known) or ops not in (["max"], ["add"]) or init.index not in constants:
+            raise _unsupported(
+                name,
+                "only jax.lax.reduce_window with jax.lax.max, or jax.lax.add with initial value 0, on one operand "
+                "and a constant initial value is supported (that is, max and average pooling)",
+                eqn,
+            )
+        op = ops[0]
+    else:
+        op, init = ("max" if name == "reduce_window_max" else "add"), None
+    if not isinstance(ref, Alias):
+        raise _unsupported(name, "its operand is not a parameter-dependent array", eqn)
+    out_shape, index, valid = _window_indices(eqn, operand.shape)
+    if out_shape != tuple(out.shape):
+        raise _unsupported(name, f"could not lay out its windows (got {out_shape}, expected {out.shape})", eqn)
+    dtype = out.dtype
+    if op == "max":
+        if not np.all(np.any(valid, -1)):
+            raise _unsupported(name, "a window lies entirely in the padding", eqn)
+        first = np.take_along_axis(index, np.argmax(valid, -1)[..., None], -1)
+        index = np.where(valid, index, first)
+        patches = ref.then(partial(_gather, index=index))
+        axis = len(out_shape)
+        result = add_node("reduce_max", partial(jnp.max, axis=axis), [patches], out_shape, dtype, name, ((axis,),))
+        if init is not None:
+            value = float(np.asarray(constants[init.index]))
+            if value > -np.inf:
+                result = add_node("max", jnp.maximum, [result, init], out_shape, dtype, name, ("max",))
+        return result
+    if init is not None and float(np.asarray(constants[init.index])) != 0:
+        raise _unsupported(name, "a sum pooling (reduce_window with add) needs the initial value 0", eqn)
+    patches = ref.then(partial(_gather, index=index))
+    if np.all(valid):
+        fn = partial(jnp.sum, axis=-1)
+    else:
+        mask = valid
+
+        def fn(p, mask=mask):
+            return jnp.sum(jnp.where(mask, p, jnp.zeros((), p.dtype)), axis=-1)
+
+    return add_node("linear", fn, [patches], out_shape, dtype, name, ("diagonal",))
+
+
+def _unsupported(name, why=None, eqn=None):
     reason = f" ({why})" if why else ""
+    where = ""
+    if eqn is not None:
+        text = " ".join(str(eqn).split())
+        where = f" in the equation `{text[:200]}{'...' if len(text) > 200 else ''}`"
     return UnsupportedPrimitiveError(
-        f"fpx.projective cannot build an exact projection for the primitive {name!r}{reason}. "
+        f"fpx.projective cannot build an exact projection for the primitive {name!r}{where}{reason}. "
         f"Supported primitives: {', '.join(SUPPORTED)}. Rewrite that part of the model with "
         "these (e.g. jax.nn.relu or jnp.maximum(x, 0) for activations, x @ W + b for layers)."
     )
@@ -540,5 +804,13 @@ def project(node: Node, base: list[BaseVar], known, aux: dict, ins: tuple, out):
         flat = moved.reshape(moved.shape[: len(keep)] + (-1,))
         u_new, y_new = _reduce_max_graph(flat, out)
         u_new = jnp.transpose(u_new.reshape(moved.shape), tuple(np.argsort(perm)))
+        return (u_new,), y_new
+    if node.kind == "scalar":  # y = phi(u), phi monotone: fpx.projective.project_scalar_graph
+        function, slope = node.info
+        u_new, y_new = _scalar_graph(ins[0], out, function, slope)
+        return (u_new,), y_new
+    if node.kind == "step":  # y = q(u), q piecewise constant: fpx.projective.project_step_graph
+        function, at_zero = node.info
+        u_new, y_new = _step_graph(ins[0], out, function, at_zero)
         return (u_new,), y_new
     raise AssertionError(node.kind)

@@ -51,8 +51,12 @@ class Trainer(eqx.Module):
     Divide and concur on the model's computation graph (traced with `jax.make_jaxpr`):
     every operation of every sample in the minibatch holds local copies of its inputs and
     output; G is the product of the operations' graphs (each projected exactly: bilinear
-    products, relu/max, reduce_max, and linear maps, including every operation with a
-    data operand such as the first layer `x @ W`); K is consensus (copies agree, a
+    products, relu/max, reduce_max, max and average pooling, monotone activations such as
+    tanh, sigmoid, softplus, leaky_relu, exp and log (`project_scalar_graph`), quantisers
+    such as sign, round and straight-through `x + stop_gradient(sign(x) - x)`
+    (`project_step_graph`), and linear maps, including every operation with a data
+    operand such as the first layer `x @ W`; softmax and other quotients of
+    parameter-dependent values are refused); K is consensus (copies agree, a
     parameter's copies across samples too) with the model output in the loss set. The
     splitting (`method`: "dr", "ap", "dm") runs for at most `steps` iterations of
     `solver` through `fpx.fixed_point`; the new parameters are the consensus values of
