@@ -10,11 +10,20 @@ and the splitting state per parameter (floats in the carried iterate / parameter
 A second table gives accuracy against the inner-step budget for plain and Anderson-
 accelerated DR (split seed 0).
 
+`--models` compares every model of `configs/projective/models.py` (MLP, skip-MLP, CNN, RNN,
+binary and ternary networks) three ways, interleaved update by update on the same
+minibatches from the same initialisation: the default `fpx.projective.Trainer`, optax Adam
+and SGD (momentum) on the identical plain-JAX model; the gradient baselines then go on alone
+to `--gradient-updates` steps. Accuracy after `--updates` updates (and the gradient
+baselines' after their longer run), median ms/update, wall-clock to 90 % and 95 % test
+accuracy (evaluated every 25 updates), state floats per parameter.
+
 Usage:
     .venv/bin/python benchmarks/bench_projective.py            # all methods, 3 seeds (~20 min on 2 cores)
     .venv/bin/python benchmarks/bench_projective.py --quick    # 2 methods, 1 seed, 100 updates
     .venv/bin/python benchmarks/bench_projective.py --timing   # ms/update of every method, 60 updates (~4 min),
                                                                # first the default Trainer vs Adam, interleaved
+    .venv/bin/python benchmarks/bench_projective.py --models   # every model vs Adam and SGD, 3 seeds (~25 min)
     .venv/bin/python benchmarks/bench_projective.py --update-committed   # regenerate the committed results
 
 Writes `bench_projective[_quick|_timing].json` and the markdown tables (`.md`) into `--out DIR`
@@ -43,10 +52,13 @@ sys.path.insert(0, str(ROOT))
 import fpx  # noqa: E402
 from benchmarks._common import machine_info, update_markdown_section  # noqa: E402
 from fpx.data import digits  # noqa: E402
-from fpx.experiment.tasks.projective_classifier import init_mlp, mlp  # noqa: E402
+from fpx.experiment import config_module  # noqa: E402
+from fpx.experiment.tasks.projective_classifier import MODELS, init_mlp, init_model, mlp  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- bench_projective:begin -->", "<!-- bench_projective:end -->"
+MODELS_BEGIN, MODELS_END = "<!-- bench_projective_models:begin -->", "<!-- bench_projective_models:end -->"
+MODELS_CONFIG = config_module(ROOT / "configs" / "projective" / "models.py")
 STRICT = dict(rtol=1e-6, atol=1e-8)  # the inner solve uses its whole step budget
 METHODS = {
     "dr": dict(method="dr"),
@@ -158,6 +170,151 @@ def default_vs_adam(seed=0, updates=60, batch=64):
             "load_average": list(os.getloadavg())}
 
 
+def gradient_step(model, optimizer):
+    """A jitted optax step on the cross-entropy of `model` (straight-through estimators included)."""
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model, (None, 0))(p, x), y).mean()  # noqa: E731
+        grads = jax.grad(loss)(params)
+        updates_, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates_), opt_state, {}
+
+    return step
+
+
+def _optimizer(spec):
+    kwargs = {k: v for k, v in spec["optim"].items() if k not in ("name", "lr")}
+    return getattr(optax, spec["optim"]["name"])(spec["optim"]["lr"], **kwargs)
+
+
+def compare_model(kind, seed, updates, gradient_updates, eval_every=25, batch=64, targets=(0.90, 0.95)):
+    """One model, one split: default Trainer, Adam and SGD interleaved, then the gradient ones alone."""
+    x_train, y_train, x_test, y_test = (jnp.asarray(a) for a in digits(seed=seed))
+    y_train, y_test = y_train.astype(jnp.int32), y_test.astype(jnp.int32)
+    model = MODELS[kind]
+    params = init_model(kind, jax.random.key(seed), hidden=MODELS_CONFIG.HIDDEN.get(kind, 64))
+    n_params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    trainer = fpx.projective.Trainer(model, loss="cross_entropy")  # the defaults a user gets
+    methods = {"dr": [params, trainer.init(params, x_train[:batch], y_train[:batch]), jax.jit(trainer.update)]}
+    state_floats = sum(leaf.size for leaf in jax.tree_util.tree_leaves(methods["dr"][1].iterate))
+    for name in ("adam", "sgd"):
+        optimizer = _optimizer(MODELS_CONFIG.TRAINING[name])
+        methods[name] = [params, optimizer.init(params), gradient_step(model, optimizer)]
+    accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(jax.vmap(model, (None, 0))(p, x_test), -1) == y_test))
+    record = {name: {"times": [], "curve": [], "elapsed": 0.0, "to": {t: None for t in targets}} for name in methods}
+    rng = np.random.default_rng(seed)
+
+    def advance(name, k, xb, yb):
+        m, r = methods[name], record[name]
+        start = time.perf_counter()
+        m[0], m[1], _ = m[2](m[0], m[1], xb, yb)
+        jax.block_until_ready(m[0])
+        took = time.perf_counter() - start
+        if k > 0:  # the first call compiles
+            r["times"].append(took)
+            r["elapsed"] += took
+        if (k + 1) % eval_every == 0:
+            acc = float(accuracy(m[0]))
+            r["curve"].append((k + 1, acc, r["elapsed"]))
+            for t in targets:
+                if r["to"][t] is None and acc >= t:
+                    r["to"][t] = r["elapsed"]
+
+    for k in range(max(updates, gradient_updates)):
+        index = rng.choice(x_train.shape[0], batch, replace=False)
+        xb, yb = x_train[index], y_train[index]
+        for name in methods:
+            if k < (updates if name == "dr" else gradient_updates):
+                advance(name, k, xb, yb)
+    rows = []
+    for name, r in record.items():
+        at_updates = [acc for step, acc, _ in r["curve"] if step == updates]
+        rows.append({
+            "model": kind,
+            "method": name,
+            "split_seed": seed,
+            "parameters": n_params,
+            "accuracy_at_updates": at_updates[0] if at_updates else None,
+            "final_accuracy": r["curve"][-1][1],
+            "final_updates": r["curve"][-1][0],
+            "curve": r["curve"],
+            "ms_per_update": 1e3 * float(np.median(r["times"][: updates - 1])),
+            "seconds_to": {f"{t:.2f}": r["to"][t] for t in targets},
+            "state_floats_per_parameter": state_floats / n_params if name == "dr" else None,
+        })
+    return rows
+
+
+def models_markdown(rows, info, opts):
+    def seconds(values):
+        hit = [v for v in values if v is not None]
+        if not hit:
+            return "never"
+        return f"{np.median(hit):.2f} s ({len(hit)}/{len(values)})"
+
+    lines = [
+        f"Measured {info['date_utc']} on {info['processor']} ({info['cpu_count']} cores, 1-minute load "
+        f"{info['load_average_start'][0]:.1f} at the start, {info['load_average_end'][0]:.1f} at the end), jax {info['jax']}, fpx {info['git_commit']}, by "
+        f"`benchmarks/bench_projective.py --models`. Batch 64, split seeds {', '.join(map(str, opts.seeds))}; "
+        f"`dr` is `fpx.projective.Trainer(model, loss=\"cross_entropy\")` with its defaults for {opts.updates} "
+        f"updates; Adam (lr 1e-3) and SGD (lr 0.05, momentum 0.9) train the identical function for "
+        f"{opts.gradient_updates} steps, the first {opts.updates} interleaved with DR's on the same minibatches. "
+        "Accuracy: test accuracy, mean [min, max] over the seeds; time to a target: median over the seeds "
+        "that reach it (how many did) of the summed update times up to the first evaluation (every 25 "
+        "updates) at the target.",
+        "",
+        f"| model | parameters | method | accuracy at {opts.updates} | final accuracy (updates) | ms / update | to 90 % | to 95 % | state floats / parameter |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in dict.fromkeys(r["model"] for r in rows):
+        for name in dict.fromkeys(r["method"] for r in rows if r["model"] == kind):
+            rs = [r for r in rows if r["model"] == kind and r["method"] == name]
+
+            def acc(key):
+                values = [r[key] for r in rs]
+                return f"{100 * np.mean(values):.1f} % [{100 * min(values):.1f}, {100 * max(values):.1f}]"
+
+            state = rs[0]["state_floats_per_parameter"]
+            lines.append(
+                f"| {kind} | {rs[0]['parameters']} | {name} | {acc('accuracy_at_updates')} | {acc('final_accuracy')} "
+                f"({rs[0]['final_updates']}) | {np.median([r['ms_per_update'] for r in rs]):.2f} "
+                f"| {seconds([r['seconds_to']['0.90'] for r in rs])} | {seconds([r['seconds_to']['0.95'] for r in rs])} "
+                f"| {'—' if state is None else f'{state:.0f}'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main_models(opts, info):
+    info["load_average_start"] = list(os.getloadavg())
+    rows = []
+    for kind in opts.models:
+        for seed in opts.seeds:
+            out = compare_model(kind, seed, opts.updates, opts.gradient_updates)
+            rows += out
+            for r in out:
+                print(
+                    f"{kind:8s} {r['method']:5s} seed {seed}: {100 * r['accuracy_at_updates']:.1f} % at {opts.updates}, "
+                    f"{100 * r['final_accuracy']:.1f} % at {r['final_updates']}, {r['ms_per_update']:.2f} ms/update, "
+                    f"to 90/95 % {r['seconds_to']}",
+                    flush=True,
+                )
+    info["load_average_end"] = list(os.getloadavg())
+    text = models_markdown(rows, info, opts)
+    print(text)
+    out = RESULTS if opts.update_committed else opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in vars(opts).items() if k not in ("out", "update_committed")}
+    (out / "bench_projective_models.json").write_text(json.dumps({"machine": info, "options": options, "runs": rows}, indent=1))
+    print(f"wrote {out / 'bench_projective_models.json'}")
+    if not opts.update_committed:
+        (out / "bench_projective_models.md").write_text(text)
+        return
+    update_markdown_section(text, MODELS_BEGIN, MODELS_END, "## Projection-based training of other models (`bench_projective.py --models`)")
+    update_markdown_section(text, MODELS_BEGIN, MODELS_END, "## Models", path=ROOT / "experiments" / "projective" / "README.md")
+    print("updated BENCHMARKS.md and experiments/projective/README.md")
+
+
 def summarise(rows):
     out = {}
     for name in dict.fromkeys(r["method"] for r in rows):
@@ -220,7 +377,15 @@ def main(argv=None):
         "--update-committed", action="store_true",
         help="write the JSON into benchmarks/results (and the full run's tables into BENCHMARKS.md) instead",
     )
+    parser.add_argument("--models", nargs="*", default=None, metavar="KIND",
+                        help=f"compare these models (default with the bare flag: all of {', '.join(MODELS_CONFIG.MODELS)})")
+    parser.add_argument("--gradient-updates", type=int, default=2000, help="with --models: steps of Adam and SGD")
     opts = parser.parse_args(argv)
+    if opts.models is not None:
+        opts.models = opts.models or list(MODELS_CONFIG.MODELS)
+        if opts.quick:
+            opts.updates, opts.gradient_updates, opts.seeds = 50, 100, [0]
+        return main_models(opts, machine_info())
     if opts.quick:
         opts.updates, opts.seeds, opts.methods, opts.budgets = 100, [0], ["dr", "adam"], []
     if opts.timing:

@@ -153,6 +153,17 @@ KNOWN = {
         },
         "sequential": {"eval/accuracy": 0.2972222, "eval/loss": 2.0796063, "train/loss": 2.1407313},
     },
+    "configs/projective/models.py": {
+        # Every model by the default Trainer (3 inner steps here), the binary network by Adam through
+        # its straight-through signs.
+        "binary-adam": {"eval/accuracy": 0.1277778, "eval/loss": 2.4811616, "train/loss": 2.333003},
+        "binary-dr": {"eval/accuracy": 0.1277778, "eval/loss": 2.4602273, "train/loss": 2.2256556, "train/inner_steps": 3.0},
+        "cnn-dr": {"eval/accuracy": 0.0861111, "eval/loss": 3.6637967, "train/loss": 3.2775335, "train/inner_steps": 3.0},
+        "mlp-dr": {"eval/accuracy": 0.1888889, "eval/loss": 2.4025362, "train/loss": 2.2623045, "train/inner_steps": 3.0},
+        "rnn-dr": {"eval/accuracy": 0.0444444, "eval/loss": 2.8253875, "train/loss": 2.4499588, "train/inner_steps": 3.0},
+        "skip-dr": {"eval/accuracy": 0.2333333, "eval/loss": 2.2310667, "train/loss": 1.7558262, "train/inner_steps": 3.0},
+        "ternary-dr": {"eval/accuracy": 0.175, "eval/loss": 2.2450981, "train/loss": 2.3070951, "train/inner_steps": 3.0},
+    },
     "configs/projective/digits.py": {
         "adam": {"eval/accuracy": 0.1111111, "eval/loss": 2.7316430, "train/loss": 2.6058397},
         "dr-skip": {

@@ -235,7 +235,12 @@ def _conv_model(p, x):
     return jax.nn.relu(h).reshape(-1) @ jnp.ones((8, 2))
 
 
-@pytest.mark.parametrize("kind", ["shared", "dense", "diagonal", "conv"])
+def _conv_of_a_variable_model(p, x):
+    h = jax.lax.conv_general_dilated(x[None, None], jnp.maximum(p, 0.0), (1, 1), "VALID")[0]
+    return h.reshape(-1) @ jnp.ones((8, 2))
+
+
+@pytest.mark.parametrize("kind", ["shared", "dense", "diagonal", "conv", "conv_dense"])
 def test_linear_node_projection_matches_dense_least_squares(kind):
     # Projection onto {(u, y): y = L u + c} is u* = (I + L^T L)^{-1} (u0 + L^T (y0 - c)).
     key = jax.random.key(6)
@@ -244,25 +249,28 @@ def test_linear_node_projection_matches_dense_least_squares(kind):
         # a data matrix times a per-sample variable: coupled rows, dense I + L L^T
         "dense": (lambda p, x: jnp.sum(x @ jnp.maximum(p, 0.0), 0) @ jnp.ones((2, 2)), (3, 2), (4, 3)),
         "diagonal": (lambda p, x: (jnp.sum(p * x, axis=0) - 2.0) @ jnp.ones((2, 2)), (4, 2), (4, 2)),
-        # a convolution of the data with a parameter kernel: an exact (dense) linear node
+        # a convolution of the data with a parameter kernel: one node for the minibatch, like x @ W
         "conv": (_conv_model, (2, 1, 2, 2), (3, 3)),
+        # of the data with a per-sample variable kernel: a dense linear node per sample
+        "conv_dense": (_conv_of_a_variable_model, (2, 1, 2, 2), (3, 3)),
     }
     model, pshape, xshape = models[kind]
     params = jax.random.normal(key, pshape)
     x, y = jax.random.normal(jax.random.key(7), (2,) + xshape), jnp.array([0, 1])
     graph, known, z, _, project_g = _setup(model, params, x, y)
-    wanted = {"shared": "shared_dot", "dense": "linear", "diagonal": "linear", "conv": "linear"}[kind]
+    wanted = {"shared": "shared_dot", "dense": "linear", "diagonal": "linear", "conv": "shared_linear", "conv_dense": "linear"}[kind]
     index = next(
         i
         for i, n in enumerate(graph.nodes)
-        if n.kind == wanted and (kind != "dense" or n.info[0] == "dense") and (kind != "conv" or "conv" in n.name)
+        if n.kind == wanted and (kind != "dense" or n.info[0] == "dense") and (kind != "conv_dense" or "conv" in n.name)
     )
     node = graph.nodes[index]
     zr = _perturb(z, jax.random.key(8))
     (ins, out) = zr[index]
     (new_ins, new_out) = project_g(zr)[index]
-    if kind == "shared":  # one copy of W for the whole batch
-        lmat = jnp.concatenate([jax.jacfwd(lambda w, s=s: x[s] @ w)(ins[0]).reshape(2, -1) for s in range(2)])
+    if kind in ("shared", "conv"):  # one copy of W for the whole batch
+        one = {"shared": lambda w, s: x[s] @ w, "conv": lambda w, s: jax.lax.conv_general_dilated(x[s][None, None], w, (1, 1), "VALID")}[kind]
+        lmat = jnp.concatenate([jax.jacfwd(lambda w, s=s: one(w, s))(ins[0]).reshape(out[0].size, -1) for s in range(2)])
         u0, y0 = ins[0].reshape(-1), out.reshape(-1)
         u = jnp.linalg.solve(jnp.eye(u0.size) + lmat.T @ lmat, u0 + lmat.T @ y0)
         np.testing.assert_allclose(new_ins[0].reshape(-1), u, atol=1e-10)

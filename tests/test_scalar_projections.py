@@ -241,6 +241,8 @@ def test_errors_name_the_argument():
         project_quantizer_graph(jnp.zeros(2), jnp.zeros(2), [0.0, 1.0], [0.0, 1.0])
     with pytest.raises(ValueError, match="strictly increasing"):
         project_quantizer_graph(jnp.zeros(2), jnp.zeros(2), [0.0, 1.0, 2.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match=r"quantize: levels and thresholds must be 1-d"):
+        fpx.projective.quantize(jnp.zeros(2), [0.0, 1.0], [0.0, 1.0])
 
 
 # ------------------------------------------------------------------ models
@@ -254,6 +256,12 @@ def _activations(p, x):
 
 def _binary(p, x):
     w = p["w1"] + jax.lax.stop_gradient(jnp.sign(p["w1"]) - p["w1"])  # straight-through binary weights
+    return jax.nn.relu(x @ w) @ p["w2"]
+
+
+def _ternary(p, x):
+    q = lambda w: fpx.projective.quantize(w, [-1.0, 0.0, 1.0], [-0.5, 0.5])  # noqa: E731
+    w = p["w1"] + jax.lax.stop_gradient(q(p["w1"]) - p["w1"])  # straight-through ternary weights
     return jax.nn.relu(x @ w) @ p["w2"]
 
 
@@ -285,6 +293,8 @@ def test_graphs_of_activation_quantised_and_pooling_models():
     steps = [n for n in graph.nodes if n.kind == "step"]
     assert len(steps) == 1 and steps[0].info[0] == "sign"
     assert not any(n.name in ("sub", "stop_gradient") for n in graph.nodes)  # the estimator's parts are gone
+    graph = _forward_matches(_ternary, binary, jnp.array([0.3, -1.0, 2.0]))
+    assert [n.info for n in graph.nodes if n.kind == "quantizer"] == [((-1.0, 0.0, 1.0), (-0.5, 0.5))]
     pool = {"k": jax.random.normal(k[0], (2, 1, 3, 3)), "w": jax.random.normal(k[1], (18, 2))}
     graph = _forward_matches(_pooling, pool, jax.random.normal(k[2], (6, 6)))
     names = sorted(f"{n.kind}:{n.name}" for n in graph.nodes)
@@ -337,6 +347,10 @@ def test_trainer_runs_on_activation_binary_and_pooling_models():
     binary = {"w1": jax.random.normal(k[3], (3, 4)), "w2": jax.random.normal(k[4], (4, 2)) / 2}
     new = _train(_binary, binary, x, y)
     assert set(np.unique(np.sign(np.asarray(new["w1"])))) <= {-1.0, 1.0}  # the forward uses sign(W1)
+    _train(_ternary, binary, x, y)
+    # the same straight-through model trains by gradients too
+    grads = jax.grad(lambda p: jnp.sum(jax.vmap(_ternary, (None, 0))(p, x)))(binary)
+    assert float(jnp.abs(grads["w1"]).sum()) > 0
     images = jax.random.normal(k[5], (6, 6, 6))
     labels = (images[:, 2, 2] > 0).astype(jnp.int32)
     pool = {"k": jax.random.normal(k[0], (2, 1, 3, 3)) / 3, "w": jax.random.normal(k[1], (18, 2)) / 3}

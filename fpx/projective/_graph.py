@@ -32,7 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..feasibility import project_bilinear_graph, project_relu_graph
-from ._scalar import _scalar_graph, _step_graph, hard_tanh, leaky_relu, scalar_function, step_function
+from ._scalar import (
+    _quantizer_call,
+    _quantizer_graph,
+    _scalar_graph,
+    _step_graph,
+    hard_tanh,
+    leaky_relu,
+    scalar_function,
+    step_function,
+)
 from ._sets import _max2_graph, _reduce_max_graph
 
 # Wrappers whose body is inlined (parameter holding the body, in order of preference).
@@ -73,7 +82,7 @@ _SCALAR = {"tanh": "tanh", "logistic": "logistic", "exp": "exp", "expm1": "expm1
 # Piecewise-constant maps (kind "step", projected by `_scalar._step_graph`).
 _STEP = {"sign", "floor", "ceil", "round"}
 # Inlined calls recognised by name (and checked by value) as one elementwise map.
-_WRAPPED = ("softplus", "logaddexp", "leaky_relu", "hard_tanh", "heaviside")
+_WRAPPED = ("softplus", "logaddexp", "leaky_relu", "hard_tanh", "heaviside", "_quantizer_call")
 _POOL = {"reduce_window_max", "reduce_window_sum", "reduce_window"}
 
 SUPPORTED = tuple(
@@ -87,7 +96,7 @@ SUPPORTED = tuple(
         | _STEP
         | {"stop_gradient", "reduce_window_max", "reduce_window_sum", "reduce_window (max or add)"}
         | {f"jax.nn.{w}" for w in ("softplus", "leaky_relu", "hard_tanh")}
-        | {"jnp.heaviside"}
+        | {"jnp.heaviside", "fpx.projective.quantize"}
         | {"reduce_max", "conv_general_dilated (one known operand)"}
     )
 )
@@ -135,7 +144,7 @@ class Node:
     @property
     def shared(self) -> bool:
         """One node for the whole minibatch (no batch axis on its parameter copy)."""
-        return self.kind == "shared_dot"
+        return self.kind in ("shared_dot", "shared_linear")
 
     @property
     def elementwise(self) -> bool:
@@ -406,6 +415,9 @@ def build_graph(model: Callable, params, x) -> Graph:
                 env[eqn.outvars[0]] = add_node(
                     "linear", fn, refs, shape, dtype, name, ("diagonal" if diagonal else "dense",)
                 )
+            elif name == "conv_general_dilated" and len(unknown) == 1 and base[unknown[0].var].param is not None:
+                # conv(x, K) with data x and a parameter kernel K: one node for the minibatch
+                env[eqn.outvars[0]] = add_node("shared_linear", fn, refs, shape, dtype, name)
             elif name == "conv_general_dilated" and len(unknown) == 1:
                 env[eqn.outvars[0]] = add_node("linear", fn, refs, shape, dtype, name, ("dense",))
             elif name == "mul" and len(unknown) == 2:
@@ -563,6 +575,12 @@ def _recognise(eqn, refs, constants):
                     return None
                 at_zero = float(other[0])
                 kind, info, fn = "step", ("heaviside", at_zero), step_function("heaviside", at_zero)
+            elif name == "_quantizer_call":  # fpx.projective.quantize(x, levels, thresholds)
+                if len(other) != 2 or i != 0:
+                    return None
+                levels, thresholds = (tuple(float(v) for v in np.ravel(o)) for o in other)
+                kind, info = "quantizer", (levels, thresholds)
+                fn = partial(_quantizer_call, levels=jnp.asarray(levels, aval.dtype), thresholds=jnp.asarray(thresholds, aval.dtype))
             else:
                 return None
             tol = 1e-5 if jnp.finfo(aval.dtype).bits <= 32 else 1e-12
@@ -703,7 +721,22 @@ def _batch_perm(perm):
 
 
 def prepare_shared(node: Node, base: list[BaseVar], known) -> dict:
-    """Batch-level data of a shared `x @ W` node: the rows X and `(I + X^T X)^{-1}`."""
+    """Batch-level data of a shared node: `x @ W`'s rows X and `(I + X^T X)^{-1}`, or for
+    another linear map `Y = A W` of the minibatch's data (a convolution with a parameter
+    kernel) the data and `(I + A^T A)^{-1}`, assembled column by column (W is small)."""
+    if node.kind == "shared_linear":
+        (w_aval,) = _unknown_avals(node, base)
+        n = math.prod(w_aval.shape)
+        if n > _DENSE_LIMIT:
+            raise UnsupportedPrimitiveError(
+                f"fpx.projective: the {node.name!r} node's parameter operand has {n} entries; its exact projection "
+                f"needs a dense {n}x{n} solve (limit {_DENSE_LIMIT})."
+            )
+        data = [known[r.index] for r in node.inputs if isinstance(r, Known)]
+        apply, transpose = _shared_linear_maps(node, data, w_aval)
+        basis = jnp.eye(n, dtype=w_aval.dtype).reshape((n,) + w_aval.shape)
+        gram = jax.vmap(lambda e: transpose(apply(e)).reshape(-1))(basis)
+        return {"data": data, "inverse": _inverse_identity_plus(gram)}
     x = known[node.inputs[0 if node.info[0] else 1].index]  # (batch, ...) data operand
     (w_aval,) = _unknown_avals(node, base)
     x_perm, w_perm, _ = _shared_dot_layout(node, len(w_aval.shape))
@@ -724,8 +757,26 @@ def _inverse_identity_plus(gram):
     return (vectors / (1 + jnp.maximum(eigenvalues, 0))[None, :]) @ vectors.T
 
 
+def _shared_linear_maps(node: Node, data, w_aval):
+    """`W -> A W` (every sample's output, batch axis first) and its transpose, for fixed data."""
+
+    def apply(w):
+        def one(*sample):
+            it = iter(sample)
+            return node.fn(*[next(it) if isinstance(r, Known) else w for r in node.inputs])
+
+        return jax.vmap(one)(*data)
+
+    linear_transpose = jax.linear_transpose(apply, w_aval)
+    return apply, lambda y: linear_transpose(y)[0]
+
+
 def project_shared(node: Node, aux: dict, w, y):
-    """Exact projection of (W, Y) onto `{Y = X W}` for the whole minibatch (y has a batch axis)."""
+    """Exact projection of (W, Y) onto `{Y = A W}` for the whole minibatch (y has a batch axis)."""
+    if node.kind == "shared_linear":
+        apply, transpose = _shared_linear_maps(node, aux["data"], jax.ShapeDtypeStruct(w.shape, w.dtype))
+        w_new = (aux["inverse"] @ (w + transpose(y)).reshape(-1)).reshape(w.shape)
+        return (w_new,), apply(w_new)
     rows, inverse = aux["rows"], aux["inverse"]
     _, w_perm, out_perm = _shared_dot_layout(node, w.ndim)
     w_t = jnp.transpose(w, w_perm)
@@ -812,5 +863,9 @@ def project(node: Node, base: list[BaseVar], known, aux: dict, ins: tuple, out):
     if node.kind == "step":  # y = q(u), q piecewise constant: fpx.projective.project_step_graph
         function, at_zero = node.info
         u_new, y_new = _step_graph(ins[0], out, function, at_zero)
+        return (u_new,), y_new
+    if node.kind == "quantizer":  # y = quantize(u, levels, thresholds): fpx.projective.project_quantizer_graph
+        levels, thresholds = (jnp.asarray(v, out.dtype) for v in node.info)
+        u_new, y_new = _quantizer_graph(ins[0], out, levels, thresholds)
         return (u_new,), y_new
     raise AssertionError(node.kind)

@@ -504,11 +504,42 @@ def quantize(x: ArrayLike, levels: ArrayLike, thresholds: ArrayLike) -> Array:
     """`levels[j]` for `thresholds[j-1] <= x < thresholds[j]` (thresholds increasing).
 
     `quantize(x, [-1, 1], [0])` is the binary quantiser (`+1` at 0); `quantize(x, [-1, 0, 1],
-    [-t, t])` the ternary one.
+    [-t, t])` the ternary one. Inside a model trained by `fpx.projective.Trainer` it is one
+    node projected exactly by `project_quantizer_graph`; wrapped as a straight-through
+    estimator, `w + jax.lax.stop_gradient(quantize(w, ...) - w)`, the same model also trains
+    by gradients (the estimator's identity derivative), and the Trainer still sees the
+    quantiser.
+
+    ```python
+    import jax.numpy as jnp
+    from fpx.projective import quantize
+    assert jnp.all(quantize(jnp.array([-0.7, 0.2, 0.5]), [-1, 0, 1], [-0.5, 0.5]) == jnp.array([-1.0, 0.0, 1.0]))
+    ```
     """
     x = jnp.asarray(x)
-    levels, thresholds = jnp.asarray(levels, x.dtype), jnp.asarray(thresholds, x.dtype)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    levels, thresholds = _quantizer_levels("quantize", levels, thresholds)
+    return _quantizer_call(x, jnp.asarray(levels, x.dtype), jnp.asarray(thresholds, x.dtype))
+
+
+@jax.jit
+def _quantizer_call(x, levels, thresholds):
+    # A named call, so that the projective graph builder recognises it (by this name, and
+    # by value) as one quantiser node instead of a searchsorted and a gather.
     return levels[jnp.searchsorted(thresholds, x, side="right")]
+
+
+def _quantizer_levels(caller, levels, thresholds):
+    levels_np, thresholds_np = np.asarray(levels, dtype=float), np.asarray(thresholds, dtype=float)
+    if levels_np.ndim != 1 or thresholds_np.ndim != 1 or levels_np.size != thresholds_np.size + 1:
+        raise ValueError(
+            f"{caller}: levels and thresholds must be 1-d with len(levels) == len(thresholds) + 1; "
+            f"got levels {levels_np.shape}, thresholds {thresholds_np.shape}."
+        )
+    if np.any(np.diff(thresholds_np) <= 0):
+        raise ValueError(f"{caller}: thresholds must be strictly increasing, got {thresholds_np}.")
+    return levels_np, thresholds_np
 
 
 def project_quantizer_graph(
@@ -532,14 +563,7 @@ def project_quantizer_graph(
     ```
     """
     x, y = same_shape("project_quantizer_graph", x=x, y=y)
-    levels_np, thresholds_np = np.asarray(levels, dtype=float), np.asarray(thresholds, dtype=float)
-    if levels_np.ndim != 1 or thresholds_np.ndim != 1 or levels_np.size != thresholds_np.size + 1:
-        raise ValueError(
-            "project_quantizer_graph: levels and thresholds must be 1-d with len(levels) == len(thresholds) + 1; "
-            f"got levels {levels_np.shape}, thresholds {thresholds_np.shape}."
-        )
-    if np.any(np.diff(thresholds_np) <= 0):
-        raise ValueError(f"project_quantizer_graph: thresholds must be strictly increasing, got {thresholds_np}.")
+    levels_np, thresholds_np = _quantizer_levels("project_quantizer_graph", levels, thresholds)
     return _quantizer_graph(x, y, jnp.asarray(levels_np, x.dtype), jnp.asarray(thresholds_np, x.dtype))
 
 
@@ -550,4 +574,4 @@ def _quantizer_graph(x, y, levels, thresholds):
     ends = jnp.concatenate([_next(thresholds, -jnp.inf), inf[None]])
     segments = [(starts[j], ends[j], levels[j]) for j in range(levels.shape[0])]
     xs = _segments_best(x, y, segments)
-    return xs, quantize(xs, levels, thresholds)
+    return xs, _quantizer_call(xs, levels, thresholds)

@@ -1,9 +1,24 @@
-"""Projection-based training (PJAX's setting) on sklearn digits, against Adam on the same MLP.
+"""Projection-based training (PJAX's setting) on sklearn digits, against optax on the same model.
 
-Model `relu(x W1 + b1) W2` (64 -> 64 -> 10), or with a skip connection from the input to
-the logits, `relu(x W1 + b1) W2 + x W3` (not bipartite). `training = "projective"` runs
-`fpx.projective.Trainer` (a splitting method, an fpx solver, `steps` inner iterations per
-minibatch); `training = "gradient"` runs an optax optimizer on the cross-entropy.
+The models (`model.kind`), all plain JAX functions `model(params, x)` of one standardised
+64-pixel digit returning 10 logits:
+
+- `mlp`: `relu(x W1 + b1) W2` (64 -> hidden -> 10), PJAX's MLP;
+- `skip`: the MLP plus a skip connection from the input to the logits, `+ x W3` (PJAX's
+  skip-concatenation `[h, x] W`, which it trains only after a bipartite rewrite);
+- `cnn`: a 3x3 convolution with `channels` filters on the 8x8 image (`lax.conv_general_dilated`
+  with a parameter kernel), bias, relu, 2x2 max-pooling, then a dense layer to the logits;
+- `rnn`: a tanh RNN reading the image row by row (8 steps of 8 pixels), `h <- tanh(x_t U + h W
+  + b)`, logits `h V`;
+- `binary`: binary weights and binary activations, `sign(x sign(W1) / 8 + b1) W2`, each sign
+  a straight-through estimator so that gradient training (the baseline) has a gradient;
+- `ternary`: ternary first-layer weights, `relu(x q(W1) / 8 + b1) W2` with `q =
+  fpx.projective.quantize(., [-1, 0, 1], [-1/2, 1/2])` as a straight-through estimator.
+
+`training = "projective"` runs `fpx.projective.Trainer` (a splitting method, an fpx solver,
+`steps` inner iterations per minibatch), which sees the quantisers themselves (it reads a
+straight-through estimator as its forward value); `training = "gradient"` runs an optax
+optimizer on the cross-entropy of the same function.
 """
 
 from __future__ import annotations
@@ -12,12 +27,23 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
+from jax import lax
 
 from ...data import digits
-from ...projective import Trainer
+from ...projective import Trainer, quantize
 from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_OPEN, ConfigError, one_of
 from .._registry import build, register_task, set_learning_rate
 from .._task import Task, config_dtype
+
+
+def straight_through(quantiser, w):
+    """`quantiser(w)` in the forward pass with the identity's derivative (the STE)."""
+    return w + lax.stop_gradient(quantiser(w) - w)
+
+
+def ternary(w):
+    """Ternary levels {-1, 0, 1} with thresholds at +-1/2."""
+    return quantize(w, [-1.0, 0.0, 1.0], [-0.5, 0.5])
 
 
 def mlp(params, x):
@@ -26,6 +52,69 @@ def mlp(params, x):
     if "w3" in params:
         logits = logits + x @ params["w3"]
     return logits
+
+
+def cnn(params, x):
+    """3x3 convolution (VALID) -> bias -> relu -> 2x2 max-pool -> dense, on the 8x8 image."""
+    image = x.reshape(1, 1, 8, 8)
+    h = lax.conv_general_dilated(image, params["kernel"], (1, 1), "VALID")[0] + params["bk"][:, None, None]
+    h = lax.reduce_window(jax.nn.relu(h), -jnp.inf, lax.max, (1, 2, 2), (1, 2, 2), "VALID")
+    return h.reshape(-1) @ params["w"] + params["b"]
+
+
+def rnn(params, x):
+    """A tanh RNN over the image's 8 rows; the logits read the last hidden state."""
+    rows = x.reshape(8, 8)
+    h = jnp.tanh(rows[0] @ params["u"] + params["b"])
+    for t in range(1, 8):
+        h = jnp.tanh(rows[t] @ params["u"] + h @ params["w"] + params["b"])
+    return h @ params["v"]
+
+
+def binary_mlp(params, x):
+    """Binary weights and activations in the hidden layer (straight-through signs)."""
+    w1 = straight_through(jnp.sign, params["w1"])
+    h = straight_through(jnp.sign, (x @ w1) / 8 + params["b1"])
+    return h @ params["w2"]
+
+
+def ternary_mlp(params, x):
+    """Ternary first-layer weights (a straight-through `ternary`), relu, a real output layer."""
+    h = jax.nn.relu((x @ straight_through(ternary, params["w1"])) / 8 + params["b1"])
+    return h @ params["w2"]
+
+
+MODELS = {"mlp": mlp, "skip": mlp, "cnn": cnn, "rnn": rnn, "binary": binary_mlp, "ternary": ternary_mlp}
+
+
+def init_model(kind: str, key, inputs: int = 64, hidden: int = 64, classes: int = 10, channels: int = 8, dtype=jnp.float32):
+    """Parameters of `MODELS[kind]` (He/LeCun-scaled normals; quantised weights at unit scale)."""
+    k1, k2, k3 = jr.split(key, 3)
+
+    def normal(k, shape, variance):
+        return jr.normal(k, shape, dtype) * jnp.sqrt(variance).astype(dtype)
+
+    if kind in ("mlp", "skip"):
+        return init_mlp(key, inputs, hidden, classes, kind == "skip", dtype)
+    if kind == "cnn":
+        features = channels * ((int(round(inputs**0.5)) - 2) // 2) ** 2
+        return {
+            "kernel": normal(k1, (channels, 1, 3, 3), 2 / 9),
+            "bk": jnp.zeros(channels, dtype),
+            "w": normal(k2, (features, classes), 1 / features),
+            "b": jnp.zeros(classes, dtype),
+        }
+    if kind == "rnn":
+        width = int(round(inputs**0.5))
+        return {
+            "u": normal(k1, (width, hidden), 1 / width),
+            "w": normal(k2, (hidden, hidden), 1 / hidden),
+            "b": jnp.zeros(hidden, dtype),
+            "v": normal(k3, (hidden, classes), 1 / hidden),
+        }
+    if kind in ("binary", "ternary"):
+        return {"w1": normal(k1, (inputs, hidden), 1.0), "b1": jnp.zeros(hidden, dtype), "w2": normal(k2, (hidden, classes), 1 / hidden)}
+    raise ValueError(f"init_model: unknown kind={kind!r}; choose from {', '.join(MODELS)}.")
 
 
 def init_mlp(key, inputs: int, hidden: int, classes: int, skip: bool, dtype):
@@ -44,8 +133,9 @@ class ProjectiveClassifier(Task):
     dynamic = ("seed", "optim.lr")
     constraints = {
         "training": one_of("projective", "gradient"),
-        "model.kind": one_of("mlp", "skip"),
+        "model.kind": one_of(*MODELS),
         "model.hidden": POSITIVE_INT,
+        "model.channels": POSITIVE_INT,
         "projective.method": one_of("dr", "ap", "dm"),
         "projective.loss": one_of("cross_entropy", "margin"),
         "projective.steps": POSITIVE_INT,
@@ -69,9 +159,10 @@ class ProjectiveClassifier(Task):
                 f"'data.batch_size' ({config.data.batch_size}) exceeds the {self.x_train.shape[0]} training examples; "
                 "batches are drawn without replacement."
             )
+        self.model = MODELS[config.model.kind]
         p = config.projective
         self.trainer = Trainer(
-            mlp,
+            self.model,
             loss=p.loss,
             method=p.method,
             solver=build("solver", config.solver.to_dict()),
@@ -89,7 +180,7 @@ class ProjectiveClassifier(Task):
 
     def init(self, hp, key):
         cfg = self.config.model
-        params = init_mlp(key, self.x_train.shape[1], cfg.hidden, 10, cfg.kind == "skip", self.dtype)
+        params = init_model(cfg.kind, key, self.x_train.shape[1], cfg.hidden, 10, cfg.get("channels", 8), self.dtype)
         if self.config.training == "gradient":
             return {"params": params, "opt_state": set_learning_rate(self.optimizer.init(params), hp["optim.lr"])}
         x, y = self._batch(jr.fold_in(key, 1))
@@ -101,7 +192,7 @@ class ProjectiveClassifier(Task):
         if self.config.training == "gradient":
 
             def loss_fn(p):
-                return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(mlp, (None, 0))(p, x), y).mean()
+                return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(self.model, (None, 0))(p, x), y).mean()
 
             loss, grads = jax.value_and_grad(loss_fn)(params)
             opt_state = set_learning_rate(state["opt_state"], hp["optim.lr"])
@@ -118,7 +209,7 @@ class ProjectiveClassifier(Task):
         return {"params": params, "trainer": trainer_state}, metrics
 
     def evaluate(self, state, hp):
-        logits = jax.vmap(mlp, (None, 0))(state["params"], self.x_test)
+        logits = jax.vmap(self.model, (None, 0))(state["params"], self.x_test)
         return {
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == self.y_test),
             "loss": optax.softmax_cross_entropy_with_integer_labels(logits, self.y_test).mean(),
