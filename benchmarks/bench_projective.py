@@ -19,7 +19,7 @@ baselines' after their longer run), median ms/update, wall-clock to 90 % and 95 
 accuracy (evaluated every 25 updates), state floats per parameter.
 
 Usage:
-    .venv/bin/python benchmarks/bench_projective.py            # all methods, 3 seeds (~20 min on 2 cores)
+    .venv/bin/python benchmarks/bench_projective.py            # all methods, 3 seeds (~15 min on 2 cores)
     .venv/bin/python benchmarks/bench_projective.py --quick    # 2 methods, 1 seed, 100 updates
     .venv/bin/python benchmarks/bench_projective.py --timing   # ms/update of every method, 60 updates (~4 min),
                                                                # first the default Trainer vs Adam, interleaved
@@ -246,7 +246,8 @@ def compare_model(kind, seed, updates, gradient_updates, eval_every=25, batch=64
     return rows
 
 
-def models_markdown(rows, info, opts):
+def models_markdown(rows, info, options):
+    """The models table from `compare_model` rows (also what `bench_projective_models.json` regenerates)."""
     def seconds(values):
         hit = [v for v in values if v is not None]
         if not hit:
@@ -256,15 +257,15 @@ def models_markdown(rows, info, opts):
     lines = [
         f"Measured {info['date_utc']} on {info['processor']} ({info['cpu_count']} cores, 1-minute load "
         f"{info['load_average_start'][0]:.1f} at the start, {info['load_average_end'][0]:.1f} at the end), jax {info['jax']}, fpx {info['git_commit']}, by "
-        f"`benchmarks/bench_projective.py --models`. Batch 64, split seeds {', '.join(map(str, opts.seeds))}; "
-        f"`dr` is `fpx.projective.Trainer(model, loss=\"cross_entropy\")` with its defaults for {opts.updates} "
+        f"`benchmarks/bench_projective.py --models`. Batch 64, split seeds {', '.join(map(str, options['seeds']))}; "
+        f"`dr` is `fpx.projective.Trainer(model, loss=\"cross_entropy\")` with its defaults for {options['updates']} "
         f"updates; Adam (lr 1e-3) and SGD (lr 0.05, momentum 0.9) train the identical function for "
-        f"{opts.gradient_updates} steps, the first {opts.updates} interleaved with DR's on the same minibatches. "
+        f"{options['gradient_updates']} steps, the first {options['updates']} interleaved with DR's on the same minibatches. "
         "Accuracy: test accuracy, mean [min, max] over the seeds; time to a target: median over the seeds "
         "that reach it (how many did) of the summed update times up to the first evaluation (every 25 "
         "updates) at the target.",
         "",
-        f"| model | parameters | method | accuracy at {opts.updates} | final accuracy (updates) | ms / update | to 90 % | to 95 % | state floats / parameter |",
+        f"| model | parameters | method | accuracy at {options['updates']} | final accuracy (updates) | ms / update | to 90 % | to 95 % | state floats / parameter |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in dict.fromkeys(r["model"] for r in rows):
@@ -300,11 +301,11 @@ def main_models(opts, info):
                     flush=True,
                 )
     info["load_average_end"] = list(os.getloadavg())
-    text = models_markdown(rows, info, opts)
+    options = {k: v for k, v in vars(opts).items() if k not in ("out", "update_committed")}
+    text = models_markdown(rows, info, options)
     print(text)
     out = RESULTS if opts.update_committed else opts.out
     out.mkdir(parents=True, exist_ok=True)
-    options = {k: v for k, v in vars(opts).items() if k not in ("out", "update_committed")}
     (out / "bench_projective_models.json").write_text(json.dumps({"machine": info, "options": options, "runs": rows}, indent=1))
     print(f"wrote {out / 'bench_projective_models.json'}")
     if not opts.update_committed:
@@ -360,11 +361,25 @@ def markdown(summary, budget_rows, info, updates, anchor):
     return "\n".join(lines) + "\n"
 
 
+def committed_tables() -> dict:
+    """`{(begin, end): markdown}` regenerated from the committed results files.
+
+    These are the sections `--update-committed` wrote into BENCHMARKS.md and
+    experiments/projective/README.md (tests/test_projective_tables.py compares them).
+    """
+    full = json.loads((RESULTS / "bench_projective.json").read_text())
+    options = full["options"]
+    tables = {(BEGIN, END): markdown(full["summary"], full["budget"], full["machine"], options["updates"], options["anchor"])}
+    models = json.loads((RESULTS / "bench_projective_models.json").read_text())
+    tables[(MODELS_BEGIN, MODELS_END)] = models_markdown(models["runs"], models["machine"], models["options"])
+    return tables
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--updates", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=fpx.projective.Trainer(mlp).steps, help="inner steps per update (default: the Trainer's)")
     parser.add_argument("--anchor", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
@@ -431,7 +446,8 @@ def main(argv=None):
         (out / f"{name}.md").write_text(text)
     elif not (opts.quick or opts.timing):
         update_markdown_section(text, BEGIN, END, "## Projection-based training (`bench_projective.py`)")
-        print("updated BENCHMARKS.md")
+        update_markdown_section(text, BEGIN, END, "## Results", path=ROOT / "experiments" / "projective" / "README.md")
+        print("updated BENCHMARKS.md and experiments/projective/README.md")
 
 
 if __name__ == "__main__":
