@@ -504,3 +504,28 @@ def test_warm_start_carries_the_parameter_copies_of_the_previous_iterate():
     # change the start, hence the result.
     assert gap(run["warm"](params, fresh, x, y), run["cold"](params, fresh, x, y)) <= 1e-12
     assert gap(run["warm"](params, other, x, y), run["cold"](params, other, x, y)) > 1e-3
+
+
+def test_entrywise_nodes_projected_together_equal_one_by_one(monkeypatch):
+    # Nodes of one entrywise kind (here two bilinear products and two tanh nodes) are projected
+    # by one kernel call; the result must be the node-by-node projection's (to rounding: an
+    # entry may take one more Newton step when its loop runs on with slower entries).
+    import fpx.projective._trainer as T
+
+    def model(p, x):
+        h = jnp.tanh(x @ p["u"])
+        h = jnp.tanh(h @ p["w"])
+        return h @ p["v"]
+
+    k = jax.random.split(jax.random.key(3), 4)
+    params = {"u": jax.random.normal(k[0], (3, 4)), "w": jax.random.normal(k[1], (4, 4)), "v": jax.random.normal(k[2], (4, 2))}
+    x, y = jax.random.normal(k[3], (5, 3)), jnp.array([0, 1, 0, 1, 1])
+    trainer = fpx.projective.Trainer(model, loss="cross_entropy")
+    graph = G.build_graph(model, params, x[0])
+    assert sorted(len(g) for g in T._entrywise_groups(graph)) == [2, 2]
+    fused = trainer.problem(params, x, y)
+    monkeypatch.setattr(T, "_entrywise_groups", lambda graph: [])
+    single = trainer.problem(params, x, y)
+    z = _perturb(fused.z0, jax.random.key(4))
+    for a, b in zip(jax.tree_util.tree_leaves(fused.project_g(z)), jax.tree_util.tree_leaves(single.project_g(z))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-14, atol=1e-14)

@@ -223,10 +223,23 @@ class Trainer(eqx.Module):
         ]
         counts = _counts(graph, z0)
 
+        groups = _entrywise_groups(graph)
+
         def project_g(z):
             out = []
-            for node, a, (ins, o) in zip(graph.nodes, aux, z):
-                if node.shared:
+            fused = {}
+            for indices in groups:  # one kernel call per group: its loop runs once, not once per node
+                node = graph.nodes[indices[0]]
+                pieces = [z[i] for i in indices]
+                flat_ins = tuple(_concat([ins[k] for ins, _ in pieces]) for k in range(len(pieces[0][0])))
+                new_ins, new_out = project(node, graph.base, known, {}, flat_ins, _concat([o for _, o in pieces]))
+                split_ins = [_split(c, [ins[k] for ins, _ in pieces]) for k, c in enumerate(new_ins)]
+                for j, (i, (_, o)) in enumerate(zip(indices, pieces)):
+                    fused[i] = (tuple(c[j] for c in split_ins), _split(new_out, [o for _, o in pieces])[j])
+            for index, (node, a, (ins, o)) in enumerate(zip(graph.nodes, aux, z)):
+                if index in fused:
+                    out.append(fused[index])
+                elif node.shared:
                     out.append(project_shared(node, a, *ins, o))
                 elif node.elementwise:  # no vmap: one loop over the batch for the iterative kernels
                     out.append(project(node, graph.base, known, a, ins, o))
@@ -317,6 +330,29 @@ def _spread(graph: Graph, means: list) -> tuple:
                 ins.append(jax.vmap(ref)(value))
         out.append((tuple(ins), means[node.out]))
     return tuple(out)
+
+
+# Node kinds whose projection is one entrywise kernel on (input copies, output copy), with
+# no data or per-node constants: nodes of one kind (and info) are projected together.
+_ENTRYWISE = ("bilinear", "scalar", "step", "quantizer")
+
+
+def _entrywise_groups(graph: Graph) -> list[tuple[int, ...]]:
+    """Indices of the nodes projected by one fused kernel call, for groups of two or more."""
+    groups: dict = {}
+    for i, node in enumerate(graph.nodes):
+        if node.kind in _ENTRYWISE and all(isinstance(r, Alias) for r in node.inputs):
+            groups.setdefault((node.kind, node.info, graph.base[node.out].dtype), []).append(i)
+    return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def _concat(arrays):
+    return jnp.concatenate([a.reshape(-1) for a in arrays])
+
+
+def _split(flat, like):
+    offsets = np.cumsum([a.size for a in like])[:-1]
+    return [part.reshape(a.shape) for part, a in zip(jnp.split(flat, offsets), like)]
 
 
 def _transpose(graph: Graph, ref: Alias):
