@@ -81,7 +81,7 @@ def run(name, seed, updates, steps, anchor, eval_every=25, batch=64):
     if spec is None:
         optimizer = optax.adam(1e-3)
         carry = optimizer.init(params)
-        step = adam_step(optimizer)
+        step = gradient_step(mlp, optimizer)
     else:
         kwargs = {k: v for k, v in spec.items() if k != "skip"}
         kwargs.setdefault("solver", fpx.Picard(**STRICT))
@@ -123,19 +123,6 @@ def run(name, seed, updates, steps, anchor, eval_every=25, batch=64):
     }
 
 
-def adam_step(optimizer):
-    """A jitted Adam step on the identical plain-JAX model and loss (softmax cross-entropy)."""
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(jax.vmap(mlp, (None, 0))(p, x), y).mean()  # noqa: E731
-        grads = jax.grad(loss)(params)
-        updates_, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates_), opt_state, {}
-
-    return step
-
-
 def default_vs_adam(seed=0, updates=60, batch=64):
     """ms/update of the default `Trainer(mlp, loss="cross_entropy")` and of Adam, interleaved.
 
@@ -149,7 +136,7 @@ def default_vs_adam(seed=0, updates=60, batch=64):
     trainer = fpx.projective.Trainer(mlp, loss="cross_entropy")  # the defaults a user gets
     t_params, t_state, t_step = params, trainer.init(params, x_train[:batch], y_train[:batch]), jax.jit(trainer.update)
     optimizer = optax.adam(1e-3)
-    a_params, a_state, a_step = params, optimizer.init(params), adam_step(optimizer)
+    a_params, a_state, a_step = params, optimizer.init(params), gradient_step(mlp, optimizer)
     rng = np.random.default_rng(seed)
     times = {"trainer": [], "adam": []}
     for k in range(updates):
