@@ -41,4 +41,8 @@ from ._rundir import (
     read_json as read_json,
     read_jsonl as read_jsonl,
 )
+from ._sections import (
+    generated_section as generated_section,
+    write_generated_section as write_generated_section,
+)
 from ._task import Task as Task

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from flax import nnx
 
 from .._fixed_point import fixed_point
-from .._layers import layer_stats
+from .. import _layers
 from ..adjoint import AbstractAdjoint, ImplicitAdjoint
 from ..solvers import AbstractFixedPointSolver, Anderson
-from ._deq import initial_state
+from . import _deq
 
 
 class DEQ(nnx.Module):
@@ -65,10 +66,17 @@ class DEQ(nnx.Module):
             return nnx.merge(graphdef, state)(z, x)
 
         state_only = (lambda z, x: fn(z, (state, x))[0]) if self.has_aux else (lambda z, x: fn(z, (state, x)))
-        z0 = initial_state(self.cell, x, z0, call=state_only, what="fpx.nn.nnx.DEQ")
+        z0 = _deq.initial_state(self.cell, x, z0, call=state_only, what="fpx.nn.nnx.DEQ")
 
         sol = fixed_point(
             fn, z0, (state, x), solver=self.solver, adjoint=self.adjoint, max_steps=self.max_steps, throw=self.throw,
             has_aux=self.has_aux, backward_probe=backward_probe,
         )
-        return sol.value, layer_stats(sol)
+        return sol.value, _layers.layer_stats(sol)
+
+
+# nnx.Module's metaclass defines `__call__(*args, **kwargs)`, which `inspect.signature`
+# (and so the API reference) would report for the class instead of `__init__`'s.
+DEQ.__signature__ = inspect.signature(DEQ.__init__).replace(
+    parameters=list(inspect.signature(DEQ.__init__).parameters.values())[1:]
+)

@@ -103,7 +103,20 @@ SUPPORTED = tuple(
 
 
 class UnsupportedPrimitiveError(ValueError):
-    """A model uses a primitive that has no exact projection in `fpx.projective`."""
+    """A model uses a primitive that has no exact projection in `fpx.projective`.
+
+    The message names the primitive and lists the supported operations. It is raised
+    when the model is traced (by `Trainer.init`, `update` or `problem`), before any
+    solve:
+
+    ```python
+    import jax, jax.numpy as jnp, pytest, fpx
+    model = lambda p, x: jax.nn.softmax(x @ p["w"])      # a quotient of parameter-dependent values
+    trainer = fpx.projective.Trainer(model)
+    with pytest.raises(fpx.projective.UnsupportedPrimitiveError, match="Supported primitives"):
+        trainer.init({"w": jnp.ones((3, 2))}, jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))
+    ```
+    """
 
 
 @dataclasses.dataclass(frozen=True)

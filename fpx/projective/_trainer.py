@@ -28,6 +28,18 @@ class TrainerState(eqx.Module):
     - `iterate`: the splitting's governing iterate after the last update (its parameter
       copies warm-start the next solve);
     - `updates`: number of updates done.
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    model = lambda p, x: jax.nn.relu(x @ p["w"]) @ p["v"]
+    params = {"w": jnp.full((3, 4), 0.3), "v": jnp.full((4, 2), 0.2)}
+    x, y = jnp.ones((5, 3)), jnp.zeros(5, jnp.int32)
+    trainer = fpx.projective.Trainer(model, steps=3)
+    state = trainer.init(params, x, y)
+    assert isinstance(state, fpx.projective.TrainerState) and int(state.updates) == 0
+    params, state, info = trainer.update(params, state, x, y)
+    assert int(state.updates) == 1   # the iterate's parameter copies warm-start the next update
+    ```
     """
 
     iterate: PyTree
@@ -35,7 +47,26 @@ class TrainerState(eqx.Module):
 
 
 class Problem(NamedTuple):
-    """One minibatch's divide-and-concur problem (see `Trainer.problem`)."""
+    """One minibatch's divide-and-concur problem (see `Trainer.problem`).
+
+    `graph` is the traced computation graph, `z0` the copies at the forward pass (a point
+    of G), `project_k` / `project_g` the two projections acting on pytrees shaped like
+    `z0`, `counts` each variable's number of copies (the consensus weights) and `known`
+    the graph's data inputs. Both projections are idempotent, and `z0` lies in G:
+
+    ```python
+    import jax, jax.numpy as jnp, fpx
+    model = lambda p, x: jax.nn.relu(x @ p["w"]) @ p["v"]
+    params = {"w": jnp.full((3, 4), 0.3), "v": jnp.full((4, 2), 0.2)}
+    x, y = jnp.ones((5, 3)), jnp.zeros(5, jnp.int32)
+    problem = fpx.projective.Trainer(model).problem(params, x, y)
+    assert isinstance(problem, fpx.projective.Problem)
+    gap = lambda a, b: max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert gap(problem.project_g(problem.z0), problem.z0) < 1e-6
+    k = problem.project_k(problem.z0)
+    assert gap(problem.project_k(k), k) < 1e-6
+    ```
+    """
 
     graph: Graph
     known: list
