@@ -30,6 +30,9 @@ RUN_ELSEWHERE = {
     "configs/operators/darcy_benchmark.py": "tests/test_darcy_benchmark.py",
     "configs/parallel/jacobi_decoding.py": "tests/test_parallel_tasks.py",
     "configs/parallel/parallel_sampling.py": "tests/test_parallel_tasks.py",
+    "configs/ign/moons.py": "tests/test_ign.py",
+    "configs/fpdm/digits.py": "tests/test_fpdm.py",
+    "configs/subdeq/subdeq.py": "tests/test_subdeq.py",
 }
 
 

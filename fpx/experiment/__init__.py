@@ -33,6 +33,7 @@ from ._runner import (
     member_config as member_config,
     read_metrics as read_metrics,
     resolve_config as resolve_config,
+    restore as restore,
     run as run,
 )
 from ._rundir import (

@@ -33,7 +33,7 @@ from ._config import (
     sweep_items,
 )
 from ._registry import REGISTRIES, TASKS, build, load_tasks
-from ._task import task_headline
+from ._task import Task, task_headline
 from ._rundir import (
     RunDirectoryError,
     RunLock,
@@ -614,6 +614,53 @@ def _progress_line(unit_index, num_units, group, step, steps, records, headline,
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else (f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h")
+
+
+def restore(workdir: str | os.PathLike, unit: int = 0, step: int | None = None) -> tuple[Task, Any, list[int]]:
+    """`(task, state, members)` of a run directory, for figures and post-hoc evaluation.
+
+    The task is rebuilt from `config.json` for the first member of sweep unit `unit` (the
+    members of one unit share everything but the `dynamic` hyperparameters), `state` is
+    that unit's checkpointed training state at `step` (default: the latest checkpoint) with
+    the members stacked on axis 0, and `members` are their indices (as in
+    `metrics.jsonl`), in that order.
+
+    ```python
+    import tempfile, jax, fpx
+    workdir = tempfile.mkdtemp()
+    fpx.experiment.run("configs/quickstart.py:quick", {"train.steps": "20"}, workdir=workdir, progress=False)
+    task, state, members = fpx.experiment.restore(workdir)
+    assert members == [0, 1]                       # the two learning rates of the quick sweep
+    first = jax.tree_util.tree_map(lambda a: a[0], state)
+    accuracy = task.evaluate(first, {"seed": 0, "optim.lr": 1e-3})["accuracy"]
+    logged = [r for r in fpx.experiment.read_metrics(workdir) if r["member"] == 0][-1]["eval/accuracy"]
+    assert abs(float(accuracy) - logged) < 1e-6    # the checkpoint is the state that was evaluated
+    ```
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = pathlib.Path(workdir)
+    config = ConfigDict(read_json(workdir / "config.json"))
+    members = sorted({r["member"] for r in read_metrics(workdir) if r["unit"] == unit})
+    if not members:
+        raise RunDirectoryError(f"{workdir} has no metrics for sweep unit {unit}; choose a unit that metrics.jsonl names.")
+    assignments = expand_sweep(config)
+    task = build_task(member_config(config, assignments[members[0]]))
+    hp = {p: jnp.asarray(np.array([get_path(member_config(config, assignments[m]).to_dict(), p) for m in members]))
+          for p in task.dynamic}
+    _, padded = _sweep_sharding(len(members))
+    hp = {p: jnp.concatenate([v, jnp.repeat(v[-1:], padded - len(members), axis=0)]) for p, v in hp.items()}
+    abstract = jax.eval_shape(jax.vmap(task.init), hp, jax.vmap(jr.PRNGKey)(hp["seed"]))
+    manager = ocp.CheckpointManager((workdir / "checkpoints" / f"unit-{unit}").absolute())
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise RunDirectoryError(f"{workdir} has no checkpoint for sweep unit {unit}.")
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    finally:
+        manager.close()
+    state = jax.tree_util.tree_map(lambda a: a[: len(members)], state)
+    return task, state, members
 
 
 def read_metrics(workdir: str | os.PathLike, *, tolerate_partial_tail: bool = True) -> list[dict]:

@@ -27,8 +27,6 @@ one random permutation of the training items (the last partial batch is dropped;
 
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import ClassVar
 
 import jax
@@ -41,7 +39,7 @@ from ... import data as fpx_data
 from ... import operators as ops
 from .._config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, ConfigError, one_of
 from .._registry import build, register_task, set_learning_rate
-from .._runner import build_task
+from .._runner import restore as restore_run
 from .._task import Task, config_dtype
 
 _POWER_OF_TWO = (lambda v: isinstance(v, int) and v >= 1 and v & (v - 1) == 0, "a power of two")
@@ -287,24 +285,9 @@ build_deeponet_antiderivative.constraints = DeepONetAntiderivative.constraints
 
 
 def restore(workdir, unit: int = 0, step: int | None = None):
-    """`(task, state)` of a finished run directory: the task rebuilt from `config.json` and
-    the checkpointed training state of sweep unit `unit` (its members stacked on axis 0),
-    at `step` (default: the last checkpoint). For figures and post-hoc evaluation."""
-    import orbax.checkpoint as ocp
-    from ml_collections import ConfigDict
-
-    workdir = pathlib.Path(workdir)
-    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
-    task = build_task(config)
-    members = sorted({r["member"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["unit"] == unit})
-    n = len(members)
-    hp = {p: jnp.zeros((n,), jnp.float32 if p != "seed" else jnp.int32) for p in task.dynamic}
-    keys = jax.vmap(jr.PRNGKey)(jnp.arange(n))
-    abstract = jax.eval_shape(jax.vmap(task.init), hp, keys)
-    manager = ocp.CheckpointManager((workdir / "checkpoints" / f"unit-{unit}").absolute())
-    step = manager.latest_step() if step is None else step
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    manager.close()
+    """`(task, state)` of a finished run directory (`fpx.experiment.restore` without the
+    member list), for the figure scripts of the operator experiments."""
+    task, state, _ = restore_run(workdir, unit, step)
     return task, state
 
 
