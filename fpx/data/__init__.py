@@ -29,6 +29,7 @@ from ._elliptic import (
     skr_order as skr_order,
     solve_darcy_iterative as solve_darcy_iterative,
     solve_sequence as solve_sequence,
+    sor_solve as sor_solve,
 )
 from ._graphs import Graph as Graph, csbm as csbm
 from ._mdp import MDPs as MDPs, bellman as bellman, value_iteration_mdps as value_iteration_mdps

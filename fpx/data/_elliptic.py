@@ -29,6 +29,13 @@ mean of `a` on each edge), applied matrix-free. On top of it:
   al., "Accelerating Data Generation for Neural Operators via Krylov Subspace Recycling",
   ICLR 2024, code wanghong1700/NO-DataGen-SKR), who recycle with GCRO-DR (Parks, de
   Sturler et al. 2006); for these SPD systems deflated CG is the symmetric counterpart.
+- SOR and SSOR (`sor_sweep`, `sor`, `sor_solve`): red-black (checkerboard) relaxation, each
+  colour one vectorised update, as the fixed-point map that `fpx.fixed_point` iterates, with
+  a stopping test on the true relative residual; `omega` traced, so a grid of values is one
+  vmapped solve. In this ordering SSOR (red, black, black, red) merges into SOR with
+  `omega (2 - omega) <= 1` and is never faster per sweep than Gauss-Seidel. `TsallisINF` and
+  `play_bandit` choose `omega` per system over a sequence (Khodak, Chow, Balcan and Talwalkar,
+  "Learning to Relax", ICLR 2024; `experiments/learned_relaxation`).
 
 Measured (benchmarks/bench_pde_solvers.py, 2-core CPU, float64, rtol 1e-8): multigrid CG
 needs 8-11 iterations at every `s` from 17 to 421 and is about 6x faster than the sparse
@@ -46,6 +53,8 @@ from __future__ import annotations
 
 import functools
 import numbers
+from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -54,7 +63,11 @@ import numpy as np
 from jax.scipy.linalg import cho_solve
 from jaxtyping import Array, Float, Int
 
+from .._fixed_point import fixed_point
+from .._misc import two_norm
 from .._solution import RESULTS
+from ..adjoint import ImplicitAdjoint
+from ..solvers import AbstractFixedPointSolver, Picard
 
 # Largest coarsest grid (interior nodes per side) solved densely by Cholesky.
 _COARSEST_MAX = 32
@@ -935,3 +948,424 @@ def darcy_solutions(a: np.ndarray, solver: str, rtol: float, *, progress: bool =
                 out[start : start + m] = np.asarray(sol.value)
                 bar.update(m)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# SOR and SSOR (red-black ordering) as fixed-point iterations, and a bandit over omega
+
+
+def checkerboard(m: int, dtype=float) -> Float[Array, "m m"]:
+    """The red nodes of the `m x m` interior grid: 1 where `i + j` is even, 0 on the black nodes.
+
+    Under the 5-point stencil every neighbour of a red node is black and vice versa, so each
+    colour can be relaxed all at once (the red-black or checkerboard ordering).
+    """
+    i = jnp.arange(m)
+    return ((i[:, None] + i[None, :]) % 2 == 0).astype(dtype)
+
+
+def sor_sweep(op, b: Float[Array, "m m"], x: Float[Array, "m m"], omega, *, symmetric: bool = False):
+    r"""One red-black SOR sweep for `A x = b` from `x` (SSOR with `symmetric=True`); traceable.
+
+    Ordering: all red nodes (`i + j` even, `checkerboard`), then all black ones. With the
+    5-point stencil a red node couples only with black nodes, so updating every red node at
+    once, `x_R <- x_R + omega D_R^-1 (b - A x)_R`, is exactly the sequential Gauss-Seidel
+    update of the red nodes in any order; the black half-sweep then sees the new red values.
+    This is SOR for the red-black permutation `P A P^T = [[D_R, -C], [-C^T, D_B]]`:
+    `x <- (D + omega L)^-1 (omega b - (omega U + (omega - 1) D) x)` with `L`, `U` the
+    strict lower and upper triangles in that order. The red-black ordering is consistently
+    ordered (Young's property A), so Young's theory holds: for the constant-coefficient
+    Poisson problem the optimal `omega` is `2 / (1 + sin(pi h))` and the asymptotic rate
+    `omega_opt - 1`, as for the lexicographic order.
+
+    `symmetric=True` follows the forward sweep by the backward one (black, then red): one
+    SSOR step, red-black-black-red. In this ordering two relaxations of one colour in a row
+    merge into one with `omega (2 - omega)` (the colour's residual falls by `(1 - omega)^2`),
+    so SSOR iterates like SOR with `omega (2 - omega) <= 1`, never faster per sweep than
+    Gauss-Seidel: it is there for its symmetry (e.g. as a CG preconditioner), not for speed
+    (natural-order SSOR, Khodak et al.'s preconditioner, does not merge).
+
+    `op` needs `mv` and `diagonal()` and a 5-point sparsity pattern (`DarcyOperator`; not
+    `Stencil9`, whose diagonal neighbours share a colour). Each half-sweep applies `op.mv` once to the whole grid (the unused colour's
+    residual is computed and discarded: twice the minimal arithmetic, in exchange for one
+    vectorised update).
+
+    A fixed point of the sweep solves `A x = b` (for `omega != 0` and a nonzero diagonal):
+    it is the map `fpx.fixed_point` iterates in `sor`.
+
+    ```python
+    import numpy as np, jax.numpy as jnp
+    from fpx.data._elliptic import darcy_operator, sor_sweep
+    from fpx.data._darcy import solve_darcy
+
+    a = jnp.ones((9, 9))
+    op, b = darcy_operator(a), jnp.ones((7, 7))
+    x = jnp.zeros((7, 7))
+    for _ in range(60):
+        x = sor_sweep(op, b, x, 1.5)
+    assert np.allclose(x, solve_darcy(np.ones((9, 9)))[1:-1, 1:-1], rtol=1e-8)
+    ```
+    """
+    if isinstance(op, Stencil9):
+        raise TypeError(
+            "sor_sweep needs a 5-point operator (red-black ordering); a 9-point Stencil9 couples nodes of one colour."
+        )
+    d = op.diagonal()
+    red = checkerboard(b.shape[-1], b.dtype)
+    black = 1.0 - red
+
+    def half(x, colour):
+        return x + (omega * colour) * ((b - op.mv(x)) / d)
+
+    x = half(half(x, red), black)
+    if symmetric:
+        x = half(half(x, black), red)
+    return x
+
+
+def _sor_residual(op, b, x):
+    r = b - op.mv(x)
+    return jnp.sqrt(_dot(r, r))
+
+
+class _ResidualStop(AbstractFixedPointSolver):
+    """Picard steps `x <- T(x)` on the SOR sweep, stopping on the true residual `|b - A x| <= rtol |b|`.
+
+    `args` of the solve is `(op, b, omega, target)` with `target = rtol |b|`; the state is
+    `(|b - A x|, target)` at the current iterate. (The driver's own test, on the update
+    `|x - T(x)|`, does not say that the system is solved.) The `rtol`/`atol` fields are not
+    used by the test and are 0.
+    """
+
+    vmap_free_running: ClassVar[bool] = True  # scalar state, no inner loops
+
+    rtol: float = 0.0
+    atol: float = 0.0
+    norm: Callable = two_norm
+
+    def init(self, fn, z0, fz0, args):
+        op, b, _, target = args
+        return _sor_residual(op, b, z0), target
+
+    def step(self, fn, z, fz, args, state):
+        op, b, _, target = args
+        return fz, fn(fz, args), (_sor_residual(op, b, fz), target)
+
+    def terminate(self, z, fz, residual_norm, state):
+        rnorm, target = state
+        return rnorm <= target, RESULTS.successful
+
+    def stats(self, state):
+        return {"true_residual": state[0]}
+
+
+def check_omega(omega, name: str = "omega"):
+    """`omega` unchanged when it lies in (0, 2); `ValueError` otherwise (traced values: `equinox.error_if`).
+
+    SOR and SSOR converge for every symmetric positive definite `A` exactly when
+    `0 < omega < 2` (Ostrowski-Reich); outside, the spectral radius of the iteration is at
+    least `|omega - 1| >= 1` (Kahan) and the iteration does not converge.
+    """
+    why = (
+        f"`{name}` must lie in (0, 2): SOR/SSOR converge for a symmetric positive definite matrix exactly "
+        f"for 0 < {name} < 2 (Ostrowski-Reich) and cannot converge outside (Kahan: spectral radius >= |{name} - 1|)"
+    )
+    if isinstance(omega, jax.core.Tracer):
+        return eqx.error_if(omega, ~((omega > 0) & (omega < 2)), why + "; a traced value is outside.")
+    arr = np.asarray(omega)
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{why}; got {omega!r} (not a real number).")
+    if arr.ndim != 0:
+        raise ValueError(f"{why}; got an array of shape {arr.shape} (one value per solve; jax.vmap over a grid of values).")
+    if not (0.0 < float(arr) < 2.0):
+        raise ValueError(f"{why}; got {omega!r}.")
+    return omega
+
+
+def sor(
+    op,
+    b: Float[Array, "m m"],
+    x0: Float[Array, "m m"] | None = None,
+    *,
+    omega,
+    rtol,
+    max_steps: int,
+    symmetric: bool = False,
+) -> EllipticSolution:
+    """Red-black SOR (or SSOR) for `A x = b`, run by `fpx.fixed_point`; traceable: jit it, vmap it (over `omega` too).
+
+    The fixed-point map is one `sor_sweep`; `fpx.fixed_point` iterates it (Picard steps)
+    with a stopping test on the true relative residual `|b - A x|_2 / |b|_2 <= rtol`,
+    evaluated at every iterate (one more `op.mv` a sweep). `num_steps` counts sweeps
+    (an SSOR sweep, forward and backward, is one). Under `jax.vmap` each member stops on
+    its own test (the driver's batching rule) and reports its own count.
+
+    `result`: `successful` only when that residual is at most `rtol` (the driver also asks
+    the update `|x - T(x)|` to have halved since `x0`, which for a converging SOR holds long
+    before); `max_steps_reached` when it never got there, `diverged` (the update grew a
+    millionfold, e.g. an indefinite `A`) or `nonfinite`. `residual_norm` is the true
+    relative residual of `value` (on failure, the iterate with the smallest update seen).
+    `omega` must lie in (0, 2) (`check_omega`: `ValueError`, or a run-time error when traced).
+
+    Differentiating `value` goes through `fpx.ImplicitAdjoint` with a Picard solve of the
+    transposed iteration (same spectral radius, so it converges whenever SOR does).
+    """
+    dtype = b.dtype
+    omega = jnp.asarray(check_omega(omega), dtype)
+    if x0 is None:
+        x0 = jnp.zeros_like(b)
+    bnorm = jnp.sqrt(_dot(b, b))
+    safe_b = jnp.where(bnorm > 0, bnorm, 1.0)
+    target = jnp.asarray(rtol, dtype) * bnorm
+
+    def sweep(x, args):
+        op_, b_, omega_, _ = args
+        return sor_sweep(op_, b_, x, omega_, symmetric=symmetric)
+
+    adjoint = ImplicitAdjoint(solver=Picard(rtol=1e-10 if dtype == jnp.float64 else 1e-5, atol=0.0))
+    sol = fixed_point(
+        sweep, x0, (op, b, omega, target), solver=_ResidualStop(), adjoint=adjoint,
+        max_steps=int(max_steps), throw=False,
+    )
+    converged = sol.result == RESULTS.successful
+    # On success the state holds the residual of `value` itself; otherwise `value` is the best
+    # iterate by update size, whose residual is computed here.
+    res = jnp.where(converged, sol.stats["true_residual"], _sor_residual(op, b, sol.value))
+    return EllipticSolution(sol.value, sol.result, sol.stats["num_steps"], res / safe_b)
+
+
+def default_sor_max_steps(s: int) -> int:
+    """`10 s^2`: Gauss-Seidel on Poisson needs about `ln(1/rtol) / (pi h)^2` sweeps (`h = 1/(s-1)`), 1900 at
+    `s = 31`, `rtol = 1e-8`; a coefficient contrast raises that."""
+    return 10 * s * s
+
+
+@functools.partial(jax.jit, static_argnames=("symmetric", "max_steps"))
+def _sor_solve_jit(a, f, x0, omega, rtol, *, symmetric, max_steps):
+    op = darcy_operator(a)
+    sol = sor(op, _rhs(f, a), x0[1:-1, 1:-1], omega=omega, rtol=rtol, max_steps=max_steps, symmetric=symmetric)
+    return eqx.tree_at(lambda t: t.value, sol, _full(sol.value))
+
+
+def sor_solve(
+    a,
+    f=1.0,
+    *,
+    omega,
+    symmetric: bool = False,
+    rtol: float = 1e-8,
+    max_steps: int | None = None,
+    x0=None,
+) -> EllipticSolution:
+    r"""Solve the Darcy problem `-div(a grad u) = f`, `u = 0` on the boundary, by SOR or SSOR.
+
+    The 5-point system of `fpx.data.darcy` (matrix-free, `DarcyOperator`) is relaxed in the
+    red-black (checkerboard) ordering: all nodes with `i + j` even at once, then all the
+    others, each a vectorised update `x <- x + omega D^-1 (b - A x)` on one colour, which is
+    exact Gauss-Seidel for that ordering since a colour couples only with the other one
+    (`sor_sweep`). `symmetric=True` runs SSOR (red, black, black, red), which in this ordering
+    iterates like SOR with `omega (2 - omega)`: never faster than Gauss-Seidel. The sweep is the
+    fixed-point map of `fpx.fixed_point`, which iterates it until the true relative residual
+    `|f - A u|_2 / |f|_2 <= rtol` (checked at every sweep).
+
+    **Arguments:** `a`: nodal coefficient of shape `(s, s)` (boundary included), > 0; its
+    dtype sets the precision. `f`: a number or an `(s, s)` array. `omega`: the relaxation
+    parameter, in (0, 2) (`ValueError` otherwise; SOR cannot converge outside); `omega=1`
+    is Gauss-Seidel. It is traced, not static: `jax.vmap(lambda w: sor_solve(a, omega=w))`
+    over a grid of values is one compiled loop in which every member stops on its own test.
+    `rtol`: relative-residual tolerance, at least `10 eps` of the dtype. `max_steps`:
+    sweeps allowed (default `default_sor_max_steps(s) = 10 s^2`). `x0`: starting guess like
+    `a` (boundary ignored; default zero).
+
+    **Returns** an `EllipticSolution`: `value` of shape `(s, s)` with the zero boundary,
+    `result` (`fpx.RESULTS.successful` only when the residual is at most `rtol`;
+    `max_steps_reached`, `diverged` or `nonfinite` otherwise, never an exception),
+    `num_steps` (sweeps) and `residual_norm` (the true relative residual of `value`).
+
+    For the constant-coefficient Poisson problem the best `omega` is `2 / (1 + sin(pi h))`,
+    `h = 1/(s-1)`, with asymptotic rate `omega - 1` per sweep against `cos(pi h)^2` for
+    Gauss-Seidel (measured in `tests/test_relaxation.py`); choosing `omega` over a
+    sequence of systems is what `TsallisINF` and `experiments/learned_relaxation` do.
+
+    ```python
+    import numpy as np, jax, jax.numpy as jnp, fpx
+    a = np.ones((33, 33))                                        # Poisson, h = 1/32
+    omega_opt = 2 / (1 + np.sin(np.pi / 32))
+    gs = fpx.data.sor_solve(a, omega=1.0, rtol=1e-5)             # Gauss-Seidel
+    best = fpx.data.sor_solve(a, omega=omega_opt, rtol=1e-5)
+    assert gs.converged and best.converged and best.residual_norm <= 1e-5
+    assert best.num_steps < gs.num_steps / 10
+    grid = jnp.linspace(1.0, 1.95, 8)
+    steps = jax.vmap(lambda w: fpx.data.sor_solve(a, omega=w, rtol=1e-5).num_steps)(grid)
+    assert abs(float(grid[int(jnp.argmin(steps))]) - omega_opt) < 0.1
+    ```
+    """
+    traced = isinstance(a, jax.core.Tracer)
+    if traced:
+        if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 3:
+            raise ValueError(f"`a` must have shape (s, s) with s >= 3 (nodes, boundary included), got {a.shape}.")
+        a_arr = a
+    else:
+        a_np = check_coefficient(a)
+        if a_np.ndim != 2:
+            raise ValueError(
+                f"`a` must have shape (s, s) (one system), got {a_np.shape}; jax.vmap sor_solve over a batch."
+            )
+        a_arr = jnp.asarray(a_np, _dtype_of(jnp.asarray(a_np)))
+    dtype = a_arr.dtype if jnp.issubdtype(a_arr.dtype, jnp.floating) else jnp.result_type(float)
+    a_arr = a_arr.astype(dtype)
+    s = a_arr.shape[-1]
+    rtol = check_rtol(rtol, dtype)
+    if not isinstance(omega, jax.core.Tracer):
+        check_omega(omega)  # traced values are checked inside (equinox.error_if)
+    if not isinstance(symmetric, (bool, np.bool_)):
+        raise TypeError(f"`symmetric` must be True (SSOR) or False (SOR), got {symmetric!r}.")
+    if max_steps is None:
+        max_steps = default_sor_max_steps(s)
+    elif isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive integer (sweeps), got {max_steps!r}.")
+    f_arr = jnp.asarray(f, dtype)
+    if f_arr.ndim not in (0, 2) or (f_arr.ndim == 2 and f_arr.shape != (s, s)):
+        raise ValueError(f"`f` must be a number or an array of shape {(s, s)}, got shape {f_arr.shape}.")
+    x0 = jnp.zeros((s, s), dtype) if x0 is None else jnp.asarray(x0, dtype)
+    if x0.shape != (s, s):
+        raise ValueError(f"`x0` must have the shape of `a`, {(s, s)}, got {x0.shape}.")
+    return _sor_solve_jit(a_arr, f_arr, x0, jnp.asarray(omega, dtype), jnp.asarray(rtol, dtype),
+                          symmetric=bool(symmetric), max_steps=int(max_steps))
+
+
+class TsallisINF:
+    r"""Tsallis-INF (Zimmert and Seldin, JMLR 2021) over a finite grid of arms: `choose()`, then `update(loss)`.
+
+    The bandit of Khodak et al., "Learning to Relax" (ICLR 2024), for choosing SOR's `omega`
+    per instance from the iteration counts alone. Follow-the-regularised-leader with the
+    1/2-Tsallis entropy and learning rate `eta_t = 2 / sqrt(t)`: the arm probabilities are
+    `p_i = 4 / (eta_t (L_i - x))^2`, `L` the cumulative loss estimates and `x < min L` the
+    normaliser (Newton's method on `sum p = 1`, monotone from `x = min L - 2 / eta_t`); the
+    chosen arm `i` adds `loss / p_i` to `L_i` (the importance-weighted estimator).
+
+    `scale`: a number `c` (default 1): losses lie in `[0, c]` and are divided by `c`, so that
+    `TsallisINF(grid, scale=max_steps)` fed raw iteration counts plays the normalised losses
+    `iterations / max_steps` in [0, 1] of the paper's analysis, with expected regret against
+    the best fixed arm at most `4 sqrt(K T) + 1` in those units (any loss sequence) and
+    `O(sum_i log(T) / Delta_i)` for i.i.d. losses with gaps `Delta_i`. `"mean"`: losses are
+    any non-negative numbers and the estimates are divided by the running mean of the losses
+    seen so far (what the authors' MATLAB code does, `TsallisINF.m`, up to its baseline of
+    one iteration); no regret bound, but when the best arm's loss is far below the cap (SOR's
+    iteration counts at a good `omega` against the cap) the normalised gaps, and so the
+    learning, are far larger.
+
+    Seeded (`numpy.random.default_rng(seed)`): the same losses give the same choices.
+
+    ```python
+    import numpy as np
+    from fpx.data._elliptic import TsallisINF
+
+    rng = np.random.default_rng(0)
+    means = np.array([0.9, 0.5, 0.2, 0.6])                   # arm 2 is best
+    bandit = TsallisINF(np.arange(4), seed=1)
+    total = 0.0
+    for t in range(5000):
+        i = bandit.choose()
+        loss = float(np.clip(means[i] + 0.1 * rng.standard_normal(), 0, 1))
+        bandit.update(loss)
+        total += loss
+    regret = total - 5000 * means.min()
+    assert regret < 4 * np.sqrt(4 * 5000) + 1 and regret < 0.1 * 5000 * means.min()
+    assert np.argmax(bandit.probabilities()) == 2
+    ```
+    """
+
+    def __init__(self, arms, *, seed: int = 0, scale: float | str = 1.0):
+        arms = np.asarray(arms)
+        if arms.ndim != 1 or arms.shape[0] < 2:
+            raise ValueError(f"`arms` must be a 1-D sequence of at least 2 choices, got shape {arms.shape}.")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+        if scale != "mean" and (
+            isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < float(scale) < np.inf
+        ):
+            raise ValueError(
+                f"`scale` must be a positive number (losses lie in [0, scale], e.g. the iteration cap) "
+                f"or 'mean' (the running mean of the losses), got {scale!r}."
+            )
+        self.arms = arms
+        self.scale = scale if scale == "mean" else float(scale)
+        self._estimates = np.zeros(arms.shape[0])
+        self._seen = 0.0  # sum of the losses fed back
+        self._t = 1
+        self._rng = np.random.default_rng(seed)
+        self._pending: tuple[int, float] | None = None
+
+    @property
+    def round(self) -> int:
+        """The round about to be played (1-based)."""
+        return self._t
+
+    def probabilities(self) -> np.ndarray:
+        """The distribution over the arms this round."""
+        eta = 2.0 / np.sqrt(self._t)
+        gap = self._estimates - self._estimates.min()
+        if self.scale == "mean":
+            mean = self._seen / (self._t - 1) if self._t > 1 else 0.0
+            gap = gap / mean if mean > 0 else np.zeros_like(gap)
+        else:
+            gap = gap / self.scale
+        x = -2.0 / eta  # the best arm then has weight 1, so sum(w) >= 1: Newton moves left, monotonically
+        for _ in range(100):
+            w = 4.0 / (eta * (gap - x)) ** 2
+            excess = w.sum() - 1.0
+            if abs(excess) <= 1e-12:
+                break
+            x -= excess / (eta * np.sum(w**1.5))
+        return w / w.sum()
+
+    def choose(self) -> int:
+        """Draw this round's arm (its index into `arms`); `update` must follow before the next `choose`."""
+        if self._pending is not None:
+            raise RuntimeError("TsallisINF.choose: call update(loss) for the arm chosen last before choosing again.")
+        p = self.probabilities()
+        i = int(self._rng.choice(p.shape[0], p=p))
+        self._pending = (i, float(p[i]))
+        return i
+
+    def update(self, loss: float) -> None:
+        """Feed back the loss of the arm chosen last: in `[0, scale]` (e.g. iterations with `scale` the
+        iteration cap), or any non-negative number with `scale="mean"`."""
+        if self._pending is None:
+            raise RuntimeError("TsallisINF.update: no arm is pending; call choose() first.")
+        high = np.inf if self.scale == "mean" else self.scale
+        if isinstance(loss, bool) or not isinstance(loss, numbers.Real) or not 0.0 <= float(loss) <= high:
+            raise ValueError(
+                f"`loss` must be a number in [0, {high:g}] (`scale`: e.g. iterations with scale = the iteration cap), got {loss!r}."
+            )
+        i, p = self._pending
+        self._estimates[i] += float(loss) / p
+        self._seen += float(loss)
+        self._pending = None
+        self._t += 1
+
+
+def play_bandit(costs, *, seed: int = 0, scale: float | str = 1.0) -> np.ndarray:
+    """The arms `TsallisINF(..., scale=scale)` chooses over a table `costs[t, k]` of every arm's loss on
+    every instance (e.g. SOR iterations per instance and grid `omega`); returns the chosen indices,
+    shape `(T,)`. The bandit sees only the chosen arm's loss, round by round.
+
+    ```python
+    import numpy as np
+    from fpx.data._elliptic import play_bandit
+
+    costs = np.tile([800.0, 300.0, 500.0], (500, 1))        # iterations; cap 1000
+    chosen = play_bandit(costs, seed=0, scale=1000.0)
+    assert (chosen[-100:] == 1).mean() > 0.8
+    ```
+    """
+    costs = np.asarray(costs, np.float64)
+    if costs.ndim != 2 or costs.shape[1] < 2:
+        raise ValueError(f"`costs` must have shape (T, K) with K >= 2 arms, got {costs.shape}.")
+    bandit = TsallisINF(np.arange(costs.shape[1]), seed=seed, scale=scale)
+    chosen = np.empty(costs.shape[0], np.int64)
+    for t in range(costs.shape[0]):
+        chosen[t] = bandit.choose()
+        bandit.update(float(costs[t, chosen[t]]))
+    return chosen
