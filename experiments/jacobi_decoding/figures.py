@@ -1,10 +1,9 @@
-"""Table and figure of a `jacobi_decoding` run: `python experiments/jacobi_decoding/figures.py RUN_DIR [--out DIR | --update-committed]`.
+"""Figure of a `jacobi_decoding` run: `python experiments/jacobi_decoding/figures.py RUN_DIR [--out DIR | --update-committed]`.
 
-Prints the markdown results table (from RUN_DIR/metrics.jsonl and config.json: the base
-model is the record at step `train.ar_steps`, the fine-tuned one the last record) and writes
-`jacobi.png` (mean Jacobi iterations per 16-token block and validation loss over training,
+Writes `jacobi.png` (mean Jacobi iterations per 16-token block and validation loss over training,
 the start of consistency fine-tuning marked) into RUN_DIR, or `--out DIR`; only
-`--update-committed` overwrites the committed `experiments/jacobi_decoding/jacobi.png`.
+`--update-committed` overwrites the committed `experiments/jacobi_decoding/jacobi.png`. The
+README's tables come from `experiments/jacobi_decoding/table.py`.
 """
 
 import json
@@ -22,23 +21,6 @@ def main(workdir, out):
     config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
     ar_steps, block = config["train"]["ar_steps"], config["decode"]["block_size"]
     records = sorted((r for r in fx.read_metrics(workdir) if r["member"] == 0), key=lambda r: r["step"])
-    base = next(r for r in records if r["step"] == ar_steps)
-    tuned = records[-1]
-    rows = [("base (AR only)", base), ("consistency fine-tuned", tuned)]
-    n = config["eval"]["num_prompts"]
-    print(f"| model | step | mean Jacobi iterations per {block}-token block | first block | later blocks | "
-          f"forward passes per token | prompts where Jacobi != greedy (of {n}) | validation loss (nats/char) | "
-          f"greedy tokens repeating the previous one |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        print(f"| {name} | {r['step']} | {r['eval/iterations_per_block']:.2f} | {r['eval/first_block_iterations']:.2f} | "
-              f"{r['eval/later_block_iterations']:.2f} | {r['eval/forward_passes_per_token']:.3f} | "
-              f"{r['eval/mismatched_prompts']} | {r['eval/val_loss']:.4f} | {r.get('eval/repeat_fraction', float('nan')):.3f} |")
-    speedup = base["eval/iterations_per_block"] / tuned["eval/iterations_per_block"]
-    ratio = tuned["eval/val_loss"] / base["eval/val_loss"]
-    print(f"\nIterations per block: {speedup:.2f}x fewer after fine-tuning (target >= 1.5x); "
-          f"validation loss {100 * (ratio - 1):+.1f} % (target within 10 %); parameters {tuned['eval/num_params']}.")
-
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     axes[0].plot(steps, [r["eval/iterations_per_block"] for r in records], "o-", label="all blocks")

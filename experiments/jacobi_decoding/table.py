@@ -1,35 +1,138 @@
-"""The README table of a `jacobi_decoding` run: `python experiments/jacobi_decoding/table.py RUN_DIR`.
+"""The Jacobi-decoding tables: from a run directory of `configs/parallel/jacobi_decoding.py` to the README.
 
-Reads the run's `metrics.jsonl` (member 0) and prints one row per evaluation: phase (AR
-training, then consistency fine-tuning), mean Jacobi iterations per 16-token block, forward
-passes per token, validation loss and the prompts whose Jacobi output differs from greedy.
+    python experiments/jacobi_decoding/table.py RUN_DIR                           # print the tables
+    python experiments/jacobi_decoding/table.py RUN_DIR --save --note "load 12"   # + results.json and the README section
+    python experiments/jacobi_decoding/table.py --from-results                    # README section from results.json only
+
+From `metrics.jsonl` (member 0) and `config.json`: the base model is the evaluation at step
+`train.ar_steps` (the end of AR training), the fine-tuned one the last evaluation. The
+summary table compares the two (mean Jacobi iterations per block, first / later blocks,
+forward passes per token, prompts where Jacobi differs from greedy, validation loss, the
+fraction of greedy tokens repeating the previous one); the sentence under it gives the
+ratio of iterations, the change of validation loss against the issue's targets (≥ 1.5×
+fewer iterations, validation loss within 10 %) and the Jacobi/greedy mismatches over all
+evaluations; a second table has one row per evaluation. The run note comes from the run's
+files: finishing date (`summary.json`'s modification time, UTC), wall time (`config.json`,
+written at the start, to `summary.json`), compilation time (`summary.json`) and the
+median ms per step of the timed chunks (`timing.jsonl`; a chunk includes one evaluation);
+`--note` adds what the files cannot know (machine, load). `tests/test_generated_tables.py`
+checks that the README section is what `results.json` regenerates.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import pathlib
-import sys
+
+from fpx.experiment import generated_section, read_jsonl, run_info, write_generated_section
+
+HERE = pathlib.Path(__file__).resolve().parent
+README = HERE / "README.md"
+RESULTS = HERE / "results.json"
+SECTION = "jacobi_decoding_table"
+TARGET_SPEEDUP, TARGET_LOSS = 1.5, 0.10
+KEYS = ("iterations_per_block", "first_block_iterations", "later_block_iterations", "forward_passes_per_token",
+        "mismatched_prompts", "mismatched_tokens", "val_loss", "repeat_fraction", "phase")
 
 
-def table(run_dir) -> str:
-    records = [json.loads(line) for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    rows = sorted((r for r in records if r.get("member", 0) == 0 and "eval/iterations_per_block" in r), key=lambda r: r["step"])
-    lines = ["| step | phase | iterations / block (all, first, later blocks) | forward passes / token | val loss | Jacobi ≠ greedy (prompts) |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        phase = "consistency" if r["eval/phase"] else "AR"
-        lines.append(f"| {r['step']} | {phase} | {r['eval/iterations_per_block']:.2f} ({r['eval/first_block_iterations']:.2f}, "
-                     f"{r['eval/later_block_iterations']:.2f}) | {r['eval/forward_passes_per_token']:.3f} | "
-                     f"{r['eval/val_loss']:.3f} | {r['eval/mismatched_prompts']} |")
-    base = max((r for r in rows if not r["eval/phase"]), key=lambda r: r["step"])
-    tuned = rows[-1]
-    lines.append("")
-    lines.append(f"Parameters: {rows[-1]['eval/num_params']:,}. Before → after fine-tuning: "
-                 f"{base['eval/iterations_per_block']:.2f} → {tuned['eval/iterations_per_block']:.2f} iterations per block "
-                 f"({base['eval/iterations_per_block'] / tuned['eval/iterations_per_block']:.2f}× fewer), validation loss "
-                 f"{base['eval/val_loss']:.3f} → {tuned['eval/val_loss']:.3f} "
-                 f"({100 * (tuned['eval/val_loss'] / base['eval/val_loss'] - 1):+.0f} %).")
+def collect(run_dir) -> dict:
+    """`{"setup", "evaluations", "base", "tuned", "run"}` from one run directory."""
+    run_dir = pathlib.Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    records = sorted((r for r in read_jsonl(run_dir / "metrics.jsonl", tolerate_partial_tail=True)
+                      if r["member"] == 0 and "eval/iterations_per_block" in r), key=lambda r: r["step"])
+    if not records:
+        raise SystemExit(f"no evaluations of member 0 in {run_dir}")
+    ar_steps = config["train"]["ar_steps"]
+    evaluations = [{"step": r["step"], **{k: r.get(f"eval/{k}") for k in KEYS}} for r in records]
+    base = next((e for e in evaluations if e["step"] == ar_steps), None)
+    if base is None:
+        raise SystemExit(f"{run_dir} has no evaluation at step train.ar_steps = {ar_steps} (the base model)")
+    setup = {"steps": config["train"]["steps"], "ar_steps": ar_steps, "block_size": config["decode"]["block_size"],
+             "num_tokens": config["decode"]["num_tokens"], "num_prompts": config["eval"]["num_prompts"],
+             "num_params": records[-1]["eval/num_params"]}
+    return {"setup": setup, "evaluations": evaluations, "base": base, "tuned": evaluations[-1], "run": run_info(run_dir)}
+
+
+def _minutes(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60:02d} s"
+
+
+def _f(v, fmt):
+    return "—" if v is None else format(v, fmt)
+
+
+def markdown(result: dict) -> str:
+    s, run, base, tuned = result["setup"], result["run"], result["base"], result["tuned"]
+    head = (f"Run of {run['date']} ({_minutes(run['wall_s'])} wall clock from writing `config.json` to `summary.json`, "
+            f"of it {run['compile_s']:.0f} s compilation; "
+            f"{run['ms_per_step']:.0f} ms per training step including the evaluations; "
+            + (f"{result['note']}; " if result.get("note") else "")
+            + f"jax {run['jax']}). {s['num_params']:,} parameters, {s['ar_steps']} AR + "
+            f"{s['steps'] - s['ar_steps']} consistency steps, {s['num_prompts']} prompts × {s['num_tokens']} tokens:")
+    lines = [head, "",
+             f"| model | step | mean Jacobi iterations per {s['block_size']}-token block | first block | later blocks | "
+             f"forward passes per token | prompts where Jacobi != greedy (of {s['num_prompts']}) | validation loss "
+             "(nats/char) | greedy tokens repeating the previous one |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in (("base (AR only)", base), ("consistency fine-tuned", tuned)):
+        lines.append(f"| {name} | {r['step']} | {r['iterations_per_block']:.2f} | {r['first_block_iterations']:.2f} | "
+                     f"{r['later_block_iterations']:.2f} | {r['forward_passes_per_token']:.3f} | "
+                     f"{r['mismatched_prompts']} | {r['val_loss']:.4f} | {_f(r['repeat_fraction'], '.3f')} |")
+    speedup = base["iterations_per_block"] / tuned["iterations_per_block"]
+    change = tuned["val_loss"] / base["val_loss"] - 1
+    prompts = max(e["mismatched_prompts"] for e in result["evaluations"])
+    tokens = sum(e["mismatched_tokens"] or 0 for e in result["evaluations"])
+    agreement = (f"Jacobi output equal to greedy output on all {s['num_prompts']} prompts at every evaluation "
+                 "(0 mismatched tokens)." if prompts == 0 else
+                 f"Jacobi output differs from greedy output on up to {prompts} of {s['num_prompts']} prompts "
+                 f"({tokens} mismatched tokens over all evaluations).")
+    lines += ["",
+              f"Iterations per block **{speedup:.2f}× fewer** after fine-tuning (target ≥ {TARGET_SPEEDUP}×: "
+              f"{'met' if speedup >= TARGET_SPEEDUP else 'missed'}); validation loss **{100 * change:+.1f} %** (target "
+              f"within {100 * TARGET_LOSS:.0f} %: {'met' if change <= TARGET_LOSS else 'missed'}); {agreement}",
+              "",
+              "Every evaluation:",
+              "",
+              "| step | phase | iterations / block (all, first, later blocks) | forward passes / token | val loss "
+              "| repeating tokens | Jacobi ≠ greedy (prompts) |",
+              "|---|---|---|---|---|---|---|"]
+    for e in result["evaluations"]:
+        lines.append(f"| {e['step']} | {'consistency' if e['phase'] else 'AR'} | {e['iterations_per_block']:.2f} "
+                     f"({e['first_block_iterations']:.2f}, {e['later_block_iterations']:.2f}) | "
+                     f"{e['forward_passes_per_token']:.3f} | {e['val_loss']:.4f} | {_f(e['repeat_fraction'], '.3f')} | "
+                     f"{e['mismatched_prompts']} |")
     return "\n".join(lines)
 
 
+def readme_section() -> str:
+    """The committed README section (between the `jacobi_decoding_table` markers)."""
+    return generated_section(README, SECTION)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", nargs="?")
+    p.add_argument("--save", action="store_true", help="store the rows in results.json and rewrite the README section")
+    p.add_argument("--note", default="", help="with --save: a remark for the run note (machine, load)")
+    p.add_argument("--from-results", action="store_true", help="rewrite the README section from results.json only")
+    args = p.parse_args(argv)
+    if args.from_results:
+        write_generated_section(README, SECTION, markdown(json.loads(RESULTS.read_text())))
+        return 0
+    if not args.run_dir:
+        p.error("give a run directory, or --from-results")
+    result = collect(args.run_dir)
+    if args.note:
+        result["note"] = args.note
+    print(markdown(result))
+    if args.save:
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+        write_generated_section(README, SECTION, markdown(result))
+    return 0
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    raise SystemExit(main())

@@ -41,6 +41,7 @@ from ._rundir import (
     RunLock as RunLock,
     read_json as read_json,
     read_jsonl as read_jsonl,
+    run_info as run_info,
 )
 from ._sections import (
     generated_section as generated_section,

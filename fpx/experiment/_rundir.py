@@ -267,3 +267,41 @@ def prune_manifests(manifests: pathlib.Path, keep: Sequence[int]) -> None:
     for p in manifests.glob("*.json"):
         if p.stem.isdigit() and int(p.stem) not in keep:
             p.unlink(missing_ok=True)
+
+
+def run_info(workdir: str | os.PathLike) -> dict[str, Any]:
+    """When and how long a finished run took, from its own files: for the run notes of
+    generated results tables.
+
+    `date` (UTC) is when `summary.json` was written, `wall_s` the time from `config.json`
+    to `summary.json` (training, evaluation and checkpoints; not interpreter start-up or
+    data generation before the config was written), `compile_s` from `summary.json`,
+    `ms_per_step` the median over `timing.jsonl` (None without timings) and `jax` the
+    version of the interpreter reading the run.
+
+    ```python
+    import tempfile, fpx
+    workdir = tempfile.mkdtemp()
+    fpx.experiment.run("configs/quickstart.py:quick", {"train.steps": "20"}, workdir=workdir, progress=False)
+    info = fpx.experiment.run_info(workdir)
+    assert info["wall_s"] > 0 and info["date"].endswith("UTC") and set(info) >= {"compile_s", "ms_per_step", "jax"}
+    ```
+    """
+    import datetime
+    import importlib.metadata
+    import statistics
+
+    workdir = pathlib.Path(workdir)
+    for name in ("config.json", "summary.json"):
+        if not (workdir / name).is_file():
+            raise RunDirectoryError(f"{workdir} has no {name}: run_info needs a finished run directory.")
+    start, end = (workdir / "config.json").stat().st_mtime, (workdir / "summary.json").stat().st_mtime
+    summary = read_json(workdir / "summary.json")
+    times = [t["ms_per_step"] for t in read_jsonl(workdir / "timing.jsonl", tolerate_partial_tail=True)]
+    return {
+        "date": datetime.datetime.fromtimestamp(end, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": end - start,
+        "compile_s": summary.get("compile_s"),
+        "ms_per_step": statistics.median(times) if times else None,
+        "jax": importlib.metadata.version("jax"),
+    }

@@ -31,7 +31,7 @@ the state):
 
 The base model is the one evaluated at step `train.ar_steps` (the task requires an
 evaluation there); the speed-up is the ratio of that record's iterations per block to the
-final one's (`experiments/jacobi_decoding/figures.py`). Every record carries `phase` (0: AR,
+final one's (`experiments/jacobi_decoding/table.py`). Every record carries `phase` (0: AR,
 1: fine-tuned).
 
 Each phase's update runs inside a `lax.while_loop` that executes zero or one times: under
