@@ -31,6 +31,8 @@ RUN_ELSEWHERE = {
     "configs/parallel/jacobi_decoding.py": "tests/test_parallel_tasks.py",
     "configs/parallel/parallel_sampling.py": "tests/test_parallel_tasks.py",
     "configs/ign/moons.py": "tests/test_ign.py",
+    "configs/lpn/laplacian.py": "tests/test_lpn.py",
+    "configs/lpn/pnp.py": "tests/test_lpn.py",
     "configs/cgs/value_iteration.py": "tests/test_cgs.py",
     "configs/fpdm/digits.py": "tests/test_fpdm.py",
     "configs/subdeq/subdeq.py": "tests/test_subdeq.py",

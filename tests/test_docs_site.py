@@ -92,3 +92,12 @@ def test_api_pages_show_annotated_signatures_and_examples(site):
     assert "max_steps: int = 256" in text  # fixed_point's signature, annotations included
     assert "memory: int = 5" in text  # an equinox Module's fields as its signature (Anderson)
     assert 'class="highlight"' in html and "sol = fpx.fixed_point(cell, jnp.zeros(3)" in text  # examples as code
+
+
+def test_papers_page_has_a_row_per_experiment():
+    # docs/papers.md promises one row per experiment directory: a new experiment must add its row.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "papers.md").read_text()
+    missing = [d.name for d in sorted((root / "experiments").iterdir())
+               if d.is_dir() and f"| `experiments/{d.name}` |" not in text]
+    assert not missing, f"docs/papers.md has no row for experiments/{missing}"
