@@ -53,6 +53,7 @@ Tasks:
 
 from __future__ import annotations
 
+import abc
 import math
 
 import jax
@@ -250,8 +251,9 @@ class _LPNTask(Task):
     def prox(self, params):
         return lambda y: _prox(params, y, self.beta, self.alpha)
 
-    def _batch(self, key):  # -> (x, y), each (batch, dim)
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _batch(self, key):
+        """A training batch `(x, y)` (clean, noisy), each `(batch, dim)`."""
 
     def init(self, hp, key):
         m = self.config.model
