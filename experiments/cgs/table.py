@@ -18,24 +18,16 @@ solves of every training step (running maxima kept in the training state).
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import statistics
 
-from fpx.experiment import generated_section, write_generated_section
+from fpx.experiment import by_variant, format_value, generated_section, mean_sd, member_histories, read_run, table_main
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
 RESULTS = HERE / "results.json"
 PLOT = HERE / "generalisation.png"
 SECTION = "cgs_table"
-
-
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _test_sets(config: dict) -> list[tuple[str, str]]:
@@ -48,33 +40,16 @@ def _test_sets(config: dict) -> list[tuple[str, str]]:
 
 def collect(run_dir) -> dict:
     """`{"setup": {...}, "rows": [...]}` from one run directory."""
-    run_dir = pathlib.Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    records = _read_jsonl(run_dir / "metrics.jsonl")
-    if not records:
-        raise SystemExit(f"no metrics in {run_dir}")
-    by_member: dict[int, list[dict]] = {}
-    for r in records:
-        by_member.setdefault(r["member"], []).append(r)
-    by_variant: dict[str, list[list[dict]]] = {}
-    for rs in by_member.values():
-        rs.sort(key=lambda r: r["step"])
-        by_variant.setdefault(rs[-1]["hparams"].get("variant", config["data"]["graph"]), []).append(rs)
-    order = list(config.get("variants") or {})
+    config, records = read_run(run_dir)
+    groups = by_variant(member_histories(records), config.get("variants") or {}, default=config["data"]["graph"])
     rows = []
-    for variant in sorted(by_variant, key=lambda v: order.index(v) if v in order else len(order)):
-        members = by_variant[variant]
+    for variant, members in groups.items():
         last = [rs[-1] for rs in members]
         every = [r for rs in members for r in rs]
         bound = max(r["eval/step_bound"] for r in every)
-
-        def mean_sd(key, last=last):
-            values = [r[key] for r in last]
-            return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
         for prefix, label in _test_sets(config):
-            mape, mape_sd = mean_sd(f"eval/{prefix}_mape")
-            accuracy, accuracy_sd = mean_sd(f"eval/{prefix}_policy_accuracy")
+            mape, mape_sd = mean_sd(r[f"eval/{prefix}_mape"] for r in last)
+            accuracy, accuracy_sd = mean_sd(r[f"eval/{prefix}_policy_accuracy"] for r in last)
             rows.append({
                 "graph": variant,
                 "set": label,
@@ -123,12 +98,6 @@ def collect(run_dir) -> dict:
     return {"setup": setup, "rows": rows}
 
 
-def _pm(mean, sd, fmt, scale=1.0):
-    if sd is None:
-        return format(scale * mean, fmt)
-    return f"{format(scale * mean, fmt)} ± {format(scale * sd, fmt)}"
-
-
 def markdown(result: dict) -> str:
     s = result["setup"]
     head = (f"{s['steps']} training steps of {s['batch_size']} graphs ({s['n_train']} training graphs), "
@@ -144,8 +113,8 @@ def markdown(result: dict) -> str:
         oracle = "—" if r["mean_oracle_mape"] is None else f"{r['mean_oracle_mape']:.2f}"
         name = "training batches" if r["set"] == "train" else r["set"]
         lines.append(
-            f"| {r['graph']} | {name} | {_pm(r['mape'], r['mape_sd'], '.2f')} | {oracle} | "
-            f"{_pm(r['policy_accuracy'], r['policy_accuracy_sd'], '.1f', 100)} | {greedy} | "
+            f"| {r['graph']} | {name} | {format_value(r['mape'], '.2f', r['mape_sd'])} | {oracle} | "
+            f"{format_value(r['policy_accuracy'], '.1f', r['policy_accuracy_sd'], scale=100)} | {greedy} | "
             f"{r['forward_steps_max']:.0f} | {r['backward_steps_max']:.0f} | {r['bound']:.0f} | {r['over_bound']:.0f} |"
         )
     return "\n".join(lines)
@@ -187,31 +156,12 @@ def readme_section() -> str:
     return generated_section(README, SECTION)
 
 
-def update_readme(body: str) -> None:
-    write_generated_section(README, SECTION, body)
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--save", action="store_true", help="store the rows in results.json, draw the plot and rewrite the README section")
-    p.add_argument("--note", default="", help="with --save: a remark for the table's heading (date, load, machine)")
-    p.add_argument("--from-results", action="store_true", help="rewrite the README section from results.json only")
-    args = p.parse_args(argv)
-    if args.from_results:
-        update_readme(markdown(json.loads(RESULTS.read_text())))
-        return 0
-    if not args.run_dir:
-        p.error("give a run directory, or --from-results")
-    result = collect(args.run_dir)
-    if args.note:
-        result["note"] = args.note
-    print(markdown(result))
-    if args.save:
-        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-        plot(result)
-        update_readme(markdown(result))
-    return 0
+    return table_main(
+        argv, doc=__doc__, collect=collect, markdown=markdown, readme=README, section=SECTION, results=RESULTS,
+        after_save=lambda result, run_dir: plot(result),
+        save_help="store the rows in results.json, draw the plot and rewrite the README section",
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import pathlib
 import statistics
 import sys
 
-from fpx.experiment import generated_section, write_generated_section
+from fpx.experiment import format_value, generated_section, read_jsonl, timing_by_unit, write_generated_section
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -40,20 +40,6 @@ LABELS = {
     "fourier_transformer": "Fourier transformer",
     "iterated_fno": "iterated FNO block",
 }
-
-
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return out
 
 
 def _model_of(record: dict, config: dict) -> str:
@@ -72,12 +58,12 @@ def collect(run_dirs) -> dict:
                        "batch_size": data["batch_size"], "steps": train["steps"],
                        "epochs": train["steps"] * data["batch_size"] // data["n_train"],
                        "schedule": config["schedule"]["name"], "lr": config["optim"]["lr"]})
-        for r in _read_jsonl(d / "metrics.jsonl"):
+        for r in read_jsonl(d / "metrics.jsonl", tolerate_partial_tail=True):
             key = (str(d), r["member"])
             if key not in members or r["step"] >= members[key]["step"]:
                 members[key] = {**r, "model": _model_of(r, config), "run": str(d)}
-        for t in _read_jsonl(d / "timing.jsonl"):
-            timing.setdefault((str(d), t["unit"]), []).append(t["ms_per_step"])
+        for unit, ms in timing_by_unit(d).items():
+            timing[(str(d), unit)] = ms
     if not members:
         raise SystemExit(f"no metrics in {', '.join(map(str, run_dirs))}")
     if any(s != setups[0] for s in setups):
@@ -106,10 +92,6 @@ def collect(run_dirs) -> dict:
     return {"setup": setups[0], "rows": rows}
 
 
-def _f(v, fmt):
-    return "—" if v is None else format(v, fmt)
-
-
 def markdown(name: str, result: dict) -> str:
     s = result["setup"]
     head = (f"**`:{name}`** ({s['grid']} grid, {s['n_train']} train / {s['n_test']} test, batch {s['batch_size']}, "
@@ -119,10 +101,9 @@ def markdown(name: str, result: dict) -> str:
              "| operator | test rel. L2 | train rel. L2 | parameters | ms / step | compiled memory (MiB) | steps |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(
-            f"| {LABELS.get(r['model'], r['model'])} | {_f(r['test_rel_l2'], '.4f')} | {_f(r['train_rel_l2'], '.4f')} | "
-            f"{r['num_params']:,} | {_f(r['ms_per_step'], '.3g')} | {_f(r['memory_mib'], '.3g')} | {r['step']} |"
-        )
+        cells = [format_value(r[k], f) for k, f in (("test_rel_l2", ".4f"), ("train_rel_l2", ".4f"))]
+        cells += [f"{r['num_params']:,}"] + [format_value(r[k], ".3g") for k in ("ms_per_step", "memory_mib")]
+        lines.append(f"| {LABELS.get(r['model'], r['model'])} | " + " | ".join(cells) + f" | {r['step']} |")
     return "\n".join(lines)
 
 

@@ -18,11 +18,10 @@ does not record which preset it was started with); `--note` adds what the files 
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
-from fpx.experiment import generated_section, read_jsonl, run_info, write_generated_section
+from fpx.experiment import format_minutes, generated_section, read_jsonl, run_info, table_main
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -56,11 +55,6 @@ def collect(run_dir, preset: str = "default") -> dict:
     return {"setup": setup, "row": row, "run": run_info(run_dir)}
 
 
-def _minutes(seconds: float) -> str:
-    whole = round(seconds)
-    return f"{whole // 60} min {whole % 60:02d} s"
-
-
 def markdown(result: dict) -> str:
     s, r, run = result["setup"], result["row"], result["run"]
     head = (f"Run of {run['date']} (`:{r['preset']}`; "
@@ -73,7 +67,7 @@ def markdown(result: dict) -> str:
              "evaluations (min – max) | wall time (`config.json` → `summary.json`) | ms / step |",
              "|---|---|---|---|---|---|---|---|",
              f"| {r['preset']} | {r['steps']} | {r['schedule']} | **{r['test_mse']:.1e}** | {100 * r['test_rel_l2']:.2f} % | "
-             f"{r['tail_min']:.1e} – {r['tail_max']:.1e} ({trend}) | {_minutes(run['wall_s'])} (compile "
+             f"{r['tail_min']:.1e} – {r['tail_max']:.1e} ({trend}) | {format_minutes(run['wall_s'])} (compile "
              f"{run['compile_s']:.0f} s) | {run['ms_per_step']:.1f} |",
              "",
              f"Final test MSE {r['test_mse']:.4e} ({r['test_mse'] / PAPER_MSE:.1f}× the published ≈ {PAPER_MSE:.0e}: "
@@ -88,26 +82,12 @@ def readme_section() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--preset", default="default", help="the preset the run was started with (names the row)")
-    p.add_argument("--save", action="store_true", help="store the row in results.json and rewrite the README section")
-    p.add_argument("--note", default="", help="with --save: a remark for the run note (machine, load)")
-    p.add_argument("--from-results", action="store_true", help="rewrite the README section from results.json only")
-    args = p.parse_args(argv)
-    if args.from_results:
-        write_generated_section(README, SECTION, markdown(json.loads(RESULTS.read_text())))
-        return 0
-    if not args.run_dir:
-        p.error("give a run directory, or --from-results")
-    result = collect(args.run_dir, args.preset)
-    if args.note:
-        result["note"] = args.note
-    print(markdown(result))
-    if args.save:
-        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-        write_generated_section(README, SECTION, markdown(result))
-    return 0
+    return table_main(
+        argv, doc=__doc__, collect=collect, markdown=markdown, readme=README, section=SECTION, results=RESULTS,
+        options={"--preset": {"default": "default", "help": "the preset the run was started with (names the row)"}},
+        save_help="store the row in results.json and rewrite the README section",
+        note_help="with --save: a remark for the run note (machine, load)",
+    )
 
 
 if __name__ == "__main__":

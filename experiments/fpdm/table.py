@@ -20,48 +20,36 @@ Reads the last evaluation of every member (seed) in `metrics.jsonl` (task `fpdm`
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import re
 import statistics
 
-from fpx.experiment import generated_section, write_generated_section
+from fpx.experiment import format_value, generated_section, mean_sd, member_histories, read_run, table_main
+from fpx.experiment import write_generated_section
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
 RESULTS = HERE / "results.json"
 PLOT = HERE / "budget.png"
 SAMPLES = HERE / "samples.png"
+SECTION = "fpdm_table"
 SOLVERS = ("picard", "anderson")
 STARTS = ("cold", "warm")
 NAME = {"picard": "Picard", "anderson": "Anderson"}
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
+    mean, sd = mean_sd(values)
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values)}
 
 
 def collect(run_dir) -> dict:
     """`{"setup", "reference", "tolerance", "budgets"}` from one run directory (the last
     evaluation of each member)."""
-    run_dir = pathlib.Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    records = _read_jsonl(run_dir / "metrics.jsonl")
-    if not records:
-        raise SystemExit(f"no metrics in {run_dir}")
-    last: dict[int, dict] = {}
-    for r in records:
-        if r["member"] not in last or r["step"] >= last[r["member"]]["step"]:
-            last[r["member"]] = r
-    rows = [last[m] for m in sorted(last)]
+    config, records = read_run(run_dir)
+    histories = member_histories(records)
+    rows = [histories[m][-1] for m in sorted(histories)]
 
     def over(key):
         return _stats([r[key] for r in rows]) if all(key in r for r in rows) else None
@@ -101,11 +89,7 @@ def collect(run_dir) -> dict:
 
 
 def _pm(st, fmt, scale=1.0) -> str:
-    if st is None:
-        return "—"
-    if st["sd"] == 0.0:
-        return format(scale * st["mean"], fmt)
-    return f"{format(scale * st['mean'], fmt)} ± {format(scale * st['sd'], fmt)}"
+    return "—" if st is None else format_value(st["mean"], fmt, st["sd"], scale=scale, hide_zero_sd=True)
 
 
 def markdown(result: dict) -> str:
@@ -263,41 +247,27 @@ def samples_figure(run_dir, path=SAMPLES, count: int = 12) -> None:
 
 def readme_section() -> str:
     """The committed README section (between the `fpdm_table` markers)."""
-    return generated_section(README, "fpdm_table")
+    return generated_section(README, SECTION)
 
 
-def update_readme(body: str) -> None:
-    write_generated_section(README, "fpdm_table", body)
+def _after_save(result: dict, run_dir: str) -> None:
+    """The plot; with the run's checkpoints also the solver timing (stored in results.json and
+    the README section) and the samples figure."""
+    plot(result)
+    if (pathlib.Path(run_dir) / "checkpoints").is_dir():
+        result["timing"] = solver_timing(run_dir)
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+        write_generated_section(README, SECTION, markdown(result))
+        samples_figure(run_dir)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--save", action="store_true", help="store results.json, budget.png and rewrite the README section")
-    p.add_argument("--note", default="", help="with --save: a remark for the table's heading (date, load, machine)")
-    p.add_argument("--from-results", action="store_true", help="rewrite the README section and plot from results.json only")
-    args = p.parse_args(argv)
-    if args.from_results:
-        result = json.loads(RESULTS.read_text())
-        update_readme(markdown(result))
-        plot(result)
-        return 0
-    if not args.run_dir:
-        p.error("give a run directory, or --from-results")
-    result = collect(args.run_dir)
-    if args.note:
-        result["note"] = args.note
-    print(markdown(result))
-    if args.save:
-        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-        update_readme(markdown(result))
-        plot(result)
-        if (pathlib.Path(args.run_dir) / "checkpoints").is_dir():
-            result["timing"] = solver_timing(args.run_dir)
-            RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-            update_readme(markdown(result))
-            samples_figure(args.run_dir)
-    return 0
+    return table_main(
+        argv, doc=__doc__, collect=collect, markdown=markdown, readme=README, section=SECTION, results=RESULTS,
+        after_save=_after_save, after_from_results=plot,
+        save_help="store results.json, budget.png and rewrite the README section",
+        from_results_help="rewrite the README section and plot from results.json only",
+    )
 
 
 if __name__ == "__main__":

@@ -19,50 +19,31 @@ checks that the README section is what `results.json` regenerates.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
-import statistics
 
-from fpx.experiment import generated_section, write_generated_section
+from fpx.experiment import by_variant, format_value, generated_section, mean_sd, member_histories, read_run, table_main
+from fpx.experiment import timing_by_unit, unit_ms_per_step
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
 RESULTS = HERE / "results.json"
+SECTION = "ign_table"
 KEYS = ("idem_error", "energy_fz", "nn_fz", "nn_data", "rec_error", "fp_steps", "fp_converged", "energy_fp", "tight_grad_norm")
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+    mean, sd = mean_sd(values)
+    return {"mean": mean, "sd": sd}
 
 
 def _by_variant(records: list[dict], order: list[str]) -> dict[str, list[list[dict]]]:
-    by_member: dict[int, list[dict]] = {}
-    for r in records:
-        by_member.setdefault(r["member"], []).append(r)
-    out: dict[str, list[list[dict]]] = {}
-    for rs in by_member.values():
-        rs.sort(key=lambda r: r["step"])
-        out.setdefault(rs[-1]["hparams"].get("variant", "ign"), []).append(rs)
-    return {v: out[v] for v in sorted(out, key=lambda v: order.index(v) if v in order else len(order))}
+    return by_variant(member_histories(records), order, default="ign")
 
 
 def collect(run_dir) -> dict:
     """`{"setup": {...}, "rows": [...]}` from one run directory."""
-    run_dir = pathlib.Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    records = _read_jsonl(run_dir / "metrics.jsonl")
-    if not records:
-        raise SystemExit(f"no metrics in {run_dir}")
-    timing: dict[int, list[float]] = {}
-    for t in _read_jsonl(run_dir / "timing.jsonl"):
-        timing.setdefault(t["unit"], []).append(t["ms_per_step"])
+    config, records = read_run(run_dir)
+    timing = timing_by_unit(run_dir)
     order = list(config.get("variant_order") or config.get("variants") or [])
     K = config["eval"]["iterations"]
     rows = []
@@ -70,7 +51,6 @@ def collect(run_dir) -> dict:
         last = [rs[-1] for rs in members]
         spec = (config.get("variants") or {}).get(variant, {})
         loss = {**config["loss"], **spec.get("loss", {})}
-        times = [statistics.median(timing[u]) for u in sorted({r["unit"] for r in last}) if u in timing]
         row = {
             "variant": variant,
             "distance": loss["distance"],
@@ -81,7 +61,7 @@ def collect(run_dir) -> dict:
             **{k: _stats([r[f"eval/{k}"] for r in last]) for k in KEYS},
             "rel_change_k1": _stats([r["eval/rel_change_k1"] for r in last]),
             "rel_change_kK": _stats([r[f"eval/rel_change_k{K}"] for r in last]),
-            "ms_per_step": statistics.fmean(times) if times else None,
+            "ms_per_step": unit_ms_per_step(last, timing),
         }
         rows.append(row)
     first = records[0]
@@ -100,7 +80,7 @@ def collect(run_dir) -> dict:
 
 
 def _ms(v):
-    return f"{v['mean']:.3f} ± {v['sd']:.3f}"
+    return format_value(v["mean"], ".3f", v["sd"])
 
 
 def markdown(result: dict) -> str:
@@ -119,11 +99,11 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         through = "∇ through outer f (paper)" if r["tight_grad"] == "outer" else "frozen copy outer: no ∇"
         setting = f"D = {r['distance']}, λ_t = {r['lambda_tight']:g}, {through}"
-        ms = "—" if r["ms_per_step"] is None else f"{r['ms_per_step']:.2f}"
+        ms = format_value(r["ms_per_step"], ".2f")
         lines.append(
             f"| {r['variant']} | {setting} | {_ms(r['idem_error'])} | {_ms(r['energy_fz'])} "
             f"| {_ms(r['nn_fz'])} | {_ms(r['nn_data'])} | {_ms(r['rec_error'])} | {_ms(r['rel_change_k1'])} | {_ms(r['rel_change_kK'])} "
-            f"| {r['fp_steps']['mean']:.1f} ± {r['fp_steps']['sd']:.1f} | {100 * r['fp_converged']['mean']:.0f} % "
+            f"| {format_value(r['fp_steps']['mean'], '.1f', r['fp_steps']['sd'])} | {100 * r['fp_converged']['mean']:.0f} % "
             f"| {_ms(r['energy_fp'])} | {r['tight_grad_norm']['mean']:.3g} | {ms} |"
         )
     return "\n".join(lines)
@@ -131,11 +111,7 @@ def markdown(result: dict) -> str:
 
 def readme_section() -> str:
     """The committed README section (between the `ign_table` markers)."""
-    return generated_section(README, "ign_table")
-
-
-def update_readme(body: str) -> None:
-    write_generated_section(README, "ign_table", body)
+    return generated_section(README, SECTION)
 
 
 def figures(run_dir, out_dir=HERE) -> list[pathlib.Path]:
@@ -150,8 +126,7 @@ def figures(run_dir, out_dir=HERE) -> list[pathlib.Path]:
     from fpx.experiment import restore
 
     run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+    config, records = read_run(run_dir)
     order = list(config.get("variant_order") or config.get("variants") or [])
     groups = _by_variant(records, order)
     panels = []
@@ -216,28 +191,17 @@ def figures(run_dir, out_dir=HERE) -> list[pathlib.Path]:
     return [moons, curves]
 
 
+def _print_figures(result: dict, run_dir: str) -> None:
+    for path in figures(run_dir):
+        print(path)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--save", action="store_true", help="store the rows in results.json, rewrite the README section, draw the figures")
-    p.add_argument("--note", default="", help="with --save: a remark for the table's heading (date, load, machine)")
-    p.add_argument("--from-results", action="store_true", help="rewrite the README section from results.json only")
-    args = p.parse_args(argv)
-    if args.from_results:
-        update_readme(markdown(json.loads(RESULTS.read_text())))
-        return 0
-    if not args.run_dir:
-        p.error("give a run directory, or --from-results")
-    result = collect(args.run_dir)
-    if args.note:
-        result["note"] = args.note
-    print(markdown(result))
-    if args.save:
-        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-        update_readme(markdown(result))
-        for path in figures(args.run_dir):
-            print(path)
-    return 0
+    return table_main(
+        argv, doc=__doc__, collect=collect, markdown=markdown, readme=README, section=SECTION, results=RESULTS,
+        after_save=_print_figures,
+        save_help="store the rows in results.json, rewrite the README section, draw the figures",
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ checks that the README section is what `results.json` regenerates.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
-from fpx.experiment import generated_section, read_jsonl, run_info, write_generated_section
+from fpx.experiment import format_minutes, format_value, generated_section, read_jsonl, run_info, table_main
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -55,18 +54,9 @@ def collect(run_dir) -> dict:
     return {"setup": setup, "evaluations": evaluations, "base": base, "tuned": evaluations[-1], "run": run_info(run_dir)}
 
 
-def _minutes(seconds: float) -> str:
-    whole = round(seconds)
-    return f"{whole // 60} min {whole % 60:02d} s"
-
-
-def _f(v, fmt):
-    return "—" if v is None else format(v, fmt)
-
-
 def markdown(result: dict) -> str:
     s, run, base, tuned = result["setup"], result["run"], result["base"], result["tuned"]
-    head = (f"Run of {run['date']} ({_minutes(run['wall_s'])} wall clock from writing `config.json` to `summary.json`, "
+    head = (f"Run of {run['date']} ({format_minutes(run['wall_s'])} wall clock from writing `config.json` to `summary.json`, "
             f"of it {run['compile_s']:.0f} s compilation; "
             f"{run['ms_per_step']:.0f} ms per training step including the evaluations; "
             + (f"{result['note']}; " if result.get("note") else "")
@@ -80,7 +70,7 @@ def markdown(result: dict) -> str:
     for name, r in (("base (AR only)", base), ("consistency fine-tuned", tuned)):
         lines.append(f"| {name} | {r['step']} | {r['iterations_per_block']:.2f} | {r['first_block_iterations']:.2f} | "
                      f"{r['later_block_iterations']:.2f} | {r['forward_passes_per_token']:.3f} | "
-                     f"{r['mismatched_prompts']} | {r['val_loss']:.4f} | {_f(r['repeat_fraction'], '.3f')} |")
+                     f"{r['mismatched_prompts']} | {r['val_loss']:.4f} | {format_value(r['repeat_fraction'], '.3f')} |")
     speedup = base["iterations_per_block"] / tuned["iterations_per_block"]
     change = tuned["val_loss"] / base["val_loss"] - 1
     prompts = max(e["mismatched_prompts"] for e in result["evaluations"])
@@ -102,7 +92,7 @@ def markdown(result: dict) -> str:
     for e in result["evaluations"]:
         lines.append(f"| {e['step']} | {'consistency' if e['phase'] else 'AR'} | {e['iterations_per_block']:.2f} "
                      f"({e['first_block_iterations']:.2f}, {e['later_block_iterations']:.2f}) | "
-                     f"{e['forward_passes_per_token']:.3f} | {e['val_loss']:.4f} | {_f(e['repeat_fraction'], '.3f')} | "
+                     f"{e['forward_passes_per_token']:.3f} | {e['val_loss']:.4f} | {format_value(e['repeat_fraction'], '.3f')} | "
                      f"{e['mismatched_prompts']} |")
     return "\n".join(lines)
 
@@ -113,25 +103,10 @@ def readme_section() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--save", action="store_true", help="store the rows in results.json and rewrite the README section")
-    p.add_argument("--note", default="", help="with --save: a remark for the run note (machine, load)")
-    p.add_argument("--from-results", action="store_true", help="rewrite the README section from results.json only")
-    args = p.parse_args(argv)
-    if args.from_results:
-        write_generated_section(README, SECTION, markdown(json.loads(RESULTS.read_text())))
-        return 0
-    if not args.run_dir:
-        p.error("give a run directory, or --from-results")
-    result = collect(args.run_dir)
-    if args.note:
-        result["note"] = args.note
-    print(markdown(result))
-    if args.save:
-        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-        write_generated_section(README, SECTION, markdown(result))
-    return 0
+    return table_main(
+        argv, doc=__doc__, collect=collect, markdown=markdown, readme=README, section=SECTION, results=RESULTS,
+        note_help="with --save: a remark for the run note (machine, load)",
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import json
 import pathlib
 import statistics
 
-from fpx.experiment import generated_section, write_generated_section
+from fpx.experiment import by_variant, format_value, generated_section, mean_sd, member_histories, read_run
+from fpx.experiment import timing_by_unit, unit_ms_per_step, write_generated_section
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -36,39 +37,18 @@ RESULTS = HERE / "results.json"
 KINDS = {"lpn_laplacian": "laplacian", "lpn_pnp": "pnp"}
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _mean_sd(values):
     values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return mean_sd(values) if values else (None, None)
 
 
 def _members(run_dir: pathlib.Path):
-    config = json.loads((run_dir / "config.json").read_text())
-    records = _read_jsonl(run_dir / "metrics.jsonl")
-    if not records:
-        raise SystemExit(f"no metrics in {run_dir}")
-    by_member: dict[int, list[dict]] = {}
-    for r in records:
-        by_member.setdefault(r["member"], []).append(r)
-    for rs in by_member.values():
-        rs.sort(key=lambda r: r["step"])
-    timing: dict[int, list[float]] = {}
-    for t in _read_jsonl(run_dir / "timing.jsonl"):
-        timing.setdefault(t["unit"], []).append(t["ms_per_step"])
-    return config, by_member, timing
+    config, records = read_run(run_dir)
+    return config, member_histories(records), timing_by_unit(run_dir)
 
 
 def _ms(members, timing):
-    units = sorted({rs[-1]["unit"] for rs in members})
-    times = [statistics.median(timing[u]) for u in units if u in timing]
-    return statistics.fmean(times) if times else None
+    return unit_ms_per_step([rs[-1] for rs in members], timing)
 
 
 def _constraint(members) -> dict:
@@ -94,14 +74,9 @@ def collect(run_dir) -> dict:
 def _collect_laplacian(config, by_member, timing) -> dict:
     import numpy as np
 
-    by_variant: dict[str, list[list[dict]]] = {}
-    for rs in by_member.values():
-        by_variant.setdefault(rs[-1]["hparams"]["variant"], []).append(rs)
-    order = list(config.get("variant_order") or config["variants"])
     rows, prox, prior = [], {}, {}
     e, p = config["eval"], config["prior"]
-    for variant in sorted(by_variant, key=lambda v: order.index(v) if v in order else len(order)):
-        members = by_variant[variant]
+    for variant, members in by_variant(by_member, config.get("variant_order") or config["variants"]).items():
         last = [rs[-1] for rs in members]
         spec = config["variants"].get(variant, {})
         loss = {**config["loss"], **spec.get("loss", {})}
@@ -163,9 +138,7 @@ def _collect_pnp(config, by_member, timing) -> dict:
 
 
 def _f(v, fmt, sd=None):
-    if v is None:
-        return "—"
-    return format(v, fmt) + (f" ± {format(sd, fmt)}" if sd else "")
+    return format_value(v, fmt, sd, hide_zero_sd=True)
 
 
 def markdown(result: dict) -> str:

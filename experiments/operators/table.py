@@ -23,14 +23,13 @@ regenerates.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
-import json
 import pathlib
 import statistics
 
-from fpx.experiment import generated_section, read_jsonl, run_info, write_generated_section
+from fpx.experiment import by_variant, format_minutes, format_value, generated_section, mean_sd, member_histories
+from fpx.experiment import read_run, run_info, table_main, timing_by_unit
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -45,35 +44,21 @@ def _figures():
     return module
 
 
-def _stats(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def collect(run_dir, test_time: bool = True) -> dict:
     """`{"setup", "rows", "test_time", "run"}` from one run directory (`test_time`: also
     evaluate the final checkpoints at other depths)."""
     run_dir = pathlib.Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    last: dict[int, dict] = {}
-    for r in read_jsonl(run_dir / "metrics.jsonl", tolerate_partial_tail=True):
-        if r["member"] not in last or r["step"] >= last[r["member"]]["step"]:
-            last[r["member"]] = r
-    if not last:
-        raise SystemExit(f"no metrics in {run_dir}")
-    timing: dict[int, list[float]] = {}
-    for t in read_jsonl(run_dir / "timing.jsonl", tolerate_partial_tail=True):
-        timing.setdefault(t["unit"], []).append(t["ms_per_step"])
-    by_variant: dict[str, list[dict]] = {}
-    for m in sorted(last):
-        by_variant.setdefault(last[m]["hparams"]["variant"], []).append(last[m])
-    order = list(config.get("variant_order") or config["variants"])
+    config, records = read_run(run_dir, tolerate_partial_tail=True)
+    histories = member_histories(records)
+    timing = timing_by_unit(run_dir)
+    groups = by_variant({m: histories[m] for m in sorted(histories)}, config.get("variant_order") or config["variants"])
     every = config["train"]["eval_every"]
     rows = []
-    for v in sorted(by_variant, key=lambda v: order.index(v) if v in order else len(order)):
-        rs = sorted(by_variant[v], key=lambda r: r["hparams"]["seed"])
+    for v, members in groups.items():
+        rs = sorted((h[-1] for h in members), key=lambda r: r["hparams"]["seed"])
         model = config["variants"][v].get("model", {})
         deq = model.get("kind", config["model"]["kind"]) == "deq"
-        test, train = _stats([r["eval/test_rel_l2"] for r in rs]), _stats([r["eval/train_rel_l2"] for r in rs])
+        test, train = mean_sd(r["eval/test_rel_l2"] for r in rs), mean_sd(r["eval/train_rel_l2"] for r in rs)
         units = sorted({r["unit"] for r in rs})
         chunks = [ms for u in units for ms in timing.get(u, [])]
         rows.append({
@@ -105,19 +90,10 @@ def collect(run_dir, test_time: bool = True) -> dict:
     return result
 
 
-def _minutes(seconds: float) -> str:
-    whole = round(seconds)
-    return f"{whole // 60} min {whole % 60:02d} s"
-
-
-def _f(v, fmt):
-    return "—" if v is None else format(v, fmt)
-
-
 def markdown(result: dict) -> str:
     s, run, rows = result["setup"], result["run"], result["rows"]
     seeds = max(len(r["seeds"]) for r in rows)
-    head = (f"Run of {run['date']} ({_minutes(run['wall_s'])} wall clock from writing `config.json` to `summary.json`, "
+    head = (f"Run of {run['date']} ({format_minutes(run['wall_s'])} wall clock from writing `config.json` to `summary.json`, "
             f"of it {run['compile_s']:.0f} s compilation; " + (f"{result['note']}; " if result.get("note") else "")
             + f"jax {run['jax']}). Darcy {s['grid']}, {s['n_train']} train / {s['n_test']} test, batch {s['batch_size']}, "
             f"{s['steps']} steps, DEQ `max_steps` {s['max_steps']}; final metrics, mean ± sd over {seeds} seed"
@@ -133,9 +109,9 @@ def markdown(result: dict) -> str:
         else:
             apps = str(r["k"])
         timed = "—" if r["timed_train_s"] is None else f"{r['timed_train_s'] / 60:.1f} min"
-        lines.append(f"| {r['variant']} | {apps} | {r['test_mean']:.4f} ± {r['test_sd']:.4f} | "
-                     f"{r['train_mean']:.4f} ± {r['train_sd']:.4f} | {', '.join(f'{p:,}' for p in r['num_params'])} | "
-                     f"{_f(r['ms_per_step'], '.0f')} | {timed} |")
+        lines.append(f"| {r['variant']} | {apps} | {format_value(r['test_mean'], '.4f', r['test_sd'])} | "
+                     f"{format_value(r['train_mean'], '.4f', r['train_sd'])} | {', '.join(f'{p:,}' for p in r['num_params'])} | "
+                     f"{format_value(r['ms_per_step'], '.0f')} | {timed} |")
     lines += ["", "Per seed (test, seeds " + " / ".join(str(x) for x in rows[0]["seeds"]) + "): "
               + ", ".join(f"{r['variant']} " + " / ".join(f"{e:.4f}" for e in r["test_per_seed"]) for r in rows) + "."]
     tt = result.get("test_time")
@@ -159,26 +135,12 @@ def readme_section() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--save", action="store_true", help="store the rows in results.json and rewrite the README section")
-    p.add_argument("--note", default="", help="with --save: a remark for the run note (machine, load)")
-    p.add_argument("--no-test-time", action="store_true", help="skip evaluating the checkpoints at other depths")
-    p.add_argument("--from-results", action="store_true", help="rewrite the README section from results.json only")
-    args = p.parse_args(argv)
-    if args.from_results:
-        write_generated_section(README, SECTION, markdown(json.loads(RESULTS.read_text())))
-        return 0
-    if not args.run_dir:
-        p.error("give a run directory, or --from-results")
-    result = collect(args.run_dir, test_time=not args.no_test_time)
-    if args.note:
-        result["note"] = args.note
-    print(markdown(result))
-    if args.save:
-        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-        write_generated_section(README, SECTION, markdown(result))
-    return 0
+    return table_main(
+        argv, doc=__doc__, collect=collect, markdown=markdown, readme=README, section=SECTION, results=RESULTS,
+        options={"--no-test-time": {"dest": "test_time", "action": "store_false",
+                                    "help": "skip evaluating the checkpoints at other depths"}},
+        note_help="with --save: a remark for the run note (machine, load)",
+    )
 
 
 if __name__ == "__main__":

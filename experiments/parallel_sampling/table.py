@@ -20,11 +20,10 @@ load). `tests/test_generated_tables.py` checks that the README section is what
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
-from fpx.experiment import generated_section, read_jsonl, run_info, write_generated_section
+from fpx.experiment import format_minutes, generated_section, read_jsonl, run_info, table_main
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -61,14 +60,9 @@ def collect(run_dir) -> dict:
     return {"setup": setup, "rows": rows, "denoiser": denoiser, "run": run_info(run_dir)}
 
 
-def _minutes(seconds: float) -> str:
-    whole = round(seconds)
-    return f"{whole // 60} min {whole % 60:02d} s"
-
-
 def markdown(result: dict) -> str:
     s, run, d = result["setup"], result["run"], result["denoiser"]
-    head = (f"Run of {run['date']} ({_minutes(run['wall_s'])} wall clock from writing `config.json` to `summary.json`, "
+    head = (f"Run of {run['date']} ({format_minutes(run['wall_s'])} wall clock from writing `config.json` to `summary.json`, "
             f"of it {run['compile_s']:.0f} s compilation; "
             f"{run['ms_per_step']:.0f} ms per training step including the evaluations; "
             + (f"{result['note']}; " if result.get("note") else "")
@@ -94,25 +88,10 @@ def readme_section() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--save", action="store_true", help="store the rows in results.json and rewrite the README section")
-    p.add_argument("--note", default="", help="with --save: a remark for the run note (machine, load)")
-    p.add_argument("--from-results", action="store_true", help="rewrite the README section from results.json only")
-    args = p.parse_args(argv)
-    if args.from_results:
-        write_generated_section(README, SECTION, markdown(json.loads(RESULTS.read_text())))
-        return 0
-    if not args.run_dir:
-        p.error("give a run directory, or --from-results")
-    result = collect(args.run_dir)
-    if args.note:
-        result["note"] = args.note
-    print(markdown(result))
-    if args.save:
-        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-        write_generated_section(README, SECTION, markdown(result))
-    return 0
+    return table_main(
+        argv, doc=__doc__, collect=collect, markdown=markdown, readme=README, section=SECTION, results=RESULTS,
+        note_help="with --save: a remark for the run note (machine, load)",
+    )
 
 
 if __name__ == "__main__":

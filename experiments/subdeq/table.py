@@ -19,17 +19,16 @@ checks that the README section is what `results.json` regenerates.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import statistics
 
-from fpx.experiment import generated_section, write_generated_section
+from fpx.experiment import by_variant, format_value, generated_section, mean_sd, member_histories, read_run, table_main
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
 RESULTS = HERE / "results.json"
 PLOT = HERE / "curves.png"
+SECTION = "subdeq_table"
 MODEL = {
     ("subdeq", "max"): "SubDEQ, max-normalised",
     ("subdeq", "none"): "SubDEQ, plain shifted tanh",
@@ -37,12 +36,6 @@ MODEL = {
     ("mlp", None): "MLP (explicit)",
     ("gnn", None): "GCN, 2 layers (explicit)",
 }
-
-
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _setting(config: dict, variant: str, path: str):
@@ -66,22 +59,9 @@ def _describe(config: dict, variant: str) -> str:
 
 def collect(run_dir) -> dict:
     """`{"setup": {...}, "rows": [...]}` from one run directory."""
-    run_dir = pathlib.Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    records = _read_jsonl(run_dir / "metrics.jsonl")
-    if not records:
-        raise SystemExit(f"no metrics in {run_dir}")
-    by_member: dict[int, list[dict]] = {}
-    for r in records:
-        by_member.setdefault(r["member"], []).append(r)
-    by_variant: dict[str, list[list[dict]]] = {}
-    for rs in by_member.values():
-        rs.sort(key=lambda r: r["step"])
-        by_variant.setdefault(rs[-1]["hparams"]["variant"], []).append(rs)
-    order = list(config.get("variant_order") or config["variants"])
+    config, records = read_run(run_dir)
     rows = []
-    for variant in sorted(by_variant, key=lambda v: order.index(v) if v in order else len(order)):
-        members = by_variant[variant]
+    for variant, members in by_variant(member_histories(records), config.get("variant_order") or config["variants"]).items():
         last = [rs[-1] for rs in members]
 
         def values(key, last=last):
@@ -93,7 +73,7 @@ def collect(run_dir) -> dict:
 
         implicit = "eval/forward_steps" in last[0]
         converged = [r[k] for rs in members for r in rs for k in ("eval/converged_fraction", "train/converged_fraction") if k in r]
-        accuracy = values("eval/accuracy")
+        accuracy_mean, accuracy_sd = mean_sd(values("eval/accuracy"))
         kind = _setting(config, variant, "model.kind")
         rows.append({
             "variant": variant,
@@ -103,8 +83,8 @@ def collect(run_dir) -> dict:
             "seeds": len(last),
             "step": min(r["step"] for r in last),
             "params": mean("eval/params"),
-            "accuracy_mean": statistics.fmean(accuracy),
-            "accuracy_sd": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+            "accuracy_mean": accuracy_mean,
+            "accuracy_sd": accuracy_sd,
             "forward_steps": mean("eval/forward_steps") if implicit else None,
             "picard_steps": mean("eval/picard_steps") if implicit else None,
             "converged_min": min(converged) if converged else None,
@@ -126,10 +106,6 @@ def collect(run_dir) -> dict:
     return {"setup": setup, "rows": rows}
 
 
-def _f(v, fmt):
-    return "—" if v is None else format(v, fmt)
-
-
 def markdown(result: dict) -> str:
     s = result["setup"]
     head = (f"{s['steps']} training steps, {s['seeds']} seeds, forward solver {s['solver']} to rtol {s['rtol']:g} "
@@ -140,7 +116,7 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         delta = "" if r["params_delta"] is None else f" ({100 * r['params_delta']:+.1f} %)"
-        kappa = _f(r["kappa_max"], ".3g")
+        kappa = format_value(r["kappa_max"], ".3g")
         if r["kind"] == "contractive":
             kappa += " (2-norm)"
         elif r["kappa_max"] is not None:
@@ -149,8 +125,9 @@ def markdown(result: dict) -> str:
         converged = "—" if r["converged_min"] is None else f"{100 * r['converged_min']:.1f} %"
         lines.append(
             f"| {r['variant']} | {r['model']} | {r['params']:.0f}{delta} | "
-            f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_sd']:.1f} % | {_f(r['forward_steps'], '.1f')} | "
-            f"{_f(r['picard_steps'], '.1f')} | {converged} | {kappa} | {_f(r['kappa_local_max'], '.3g')} | {certified} |"
+            f"{format_value(r['accuracy_mean'], '.1f', r['accuracy_sd'], scale=100)} % | "
+            f"{format_value(r['forward_steps'], '.1f')} | {format_value(r['picard_steps'], '.1f')} | {converged} | {kappa} | "
+            f"{format_value(r['kappa_local_max'], '.3g')} | {certified} |"
         )
     return "\n".join(lines)
 
@@ -162,10 +139,9 @@ def plot(run_dir, path=PLOT) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = pathlib.Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config, records = read_run(run_dir)
     curves: dict[str, dict[int, list[dict]]] = {}
-    for r in _read_jsonl(run_dir / "metrics.jsonl"):
+    for r in records:
         curves.setdefault(r["hparams"]["variant"], {}).setdefault(r["step"], []).append(r)
     datasets = sorted({_setting(config, v, "data.name") for v in curves})
     fig, axes = plt.subplots(2, len(datasets), figsize=(4.2 * len(datasets), 5.6), squeeze=False, sharex="col")
@@ -192,34 +168,15 @@ def plot(run_dir, path=PLOT) -> None:
 
 def readme_section() -> str:
     """The committed README section (between the `subdeq_table` markers)."""
-    return generated_section(README, "subdeq_table")
-
-
-def update_readme(body: str) -> None:
-    write_generated_section(README, "subdeq_table", body)
+    return generated_section(README, SECTION)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", nargs="?")
-    p.add_argument("--save", action="store_true", help="store the rows in results.json, draw curves.png, rewrite the README section")
-    p.add_argument("--note", default="", help="with --save: a remark for the table's heading (date, load, machine)")
-    p.add_argument("--from-results", action="store_true", help="rewrite the README section from results.json only")
-    args = p.parse_args(argv)
-    if args.from_results:
-        update_readme(markdown(json.loads(RESULTS.read_text())))
-        return 0
-    if not args.run_dir:
-        p.error("give a run directory, or --from-results")
-    result = collect(args.run_dir)
-    if args.note:
-        result["note"] = args.note
-    print(markdown(result))
-    if args.save:
-        RESULTS.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-        update_readme(markdown(result))
-        plot(args.run_dir)
-    return 0
+    return table_main(
+        argv, doc=__doc__, collect=collect, markdown=markdown, readme=README, section=SECTION, results=RESULTS,
+        after_save=lambda result, run_dir: plot(run_dir), allow_nan=False,
+        save_help="store the rows in results.json, draw curves.png, rewrite the README section",
+    )
 
 
 if __name__ == "__main__":

@@ -47,4 +47,15 @@ from ._sections import (
     generated_section as generated_section,
     write_generated_section as write_generated_section,
 )
+from ._tables import (
+    by_variant as by_variant,
+    format_minutes as format_minutes,
+    format_value as format_value,
+    mean_sd as mean_sd,
+    member_histories as member_histories,
+    read_run as read_run,
+    table_main as table_main,
+    timing_by_unit as timing_by_unit,
+    unit_ms_per_step as unit_ms_per_step,
+)
 from ._task import Task as Task
