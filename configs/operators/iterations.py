@@ -5,9 +5,9 @@ of applications of the block changes (`deq`: solved to its fixed point, implicit
 gradients). See `fpx/experiment/tasks/iterated_operator.py` and
 `experiments/operators/README.md`.
 
-Presets: `quick` (CI, seconds); `default` (2 seeds, 400 steps: on a shared 2-core CPU about
-4-5 min for k1, k2, k4, k8 together and 13-15 min for `deq`, ~20 min in all, see
-experiments/operators/README.md "Cost"; more on a busier machine); `full` (larger, not run on CPU).
+Presets: `quick` (CI, seconds); `default` (2 seeds, 400 steps; its wall clock, compile time
+and per-variant ms per step are in the generated table of experiments/operators/README.md);
+`full` (larger, not run on CPU).
 The variants run cheap-first (`variant_order`: k1, k2, k4, k8, deq), so the k results exist
 long before the DEQ finishes.
 """
