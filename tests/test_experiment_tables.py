@@ -239,3 +239,38 @@ def test_store_false_option_reaches_collect_under_its_dest(tmp_path, capsys):
     table_main(["run"], **kwargs)
     table_main(["run", "--no-test-time"], **kwargs)
     assert calls == [True, False]
+
+
+# ---------------------------------------------------------------------------- figures.py
+
+
+def test_figure_main_saves_where_asked_and_only_update_committed_touches_the_committed_copy(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fpx.experiment import figure_main
+
+    drawn = []
+
+    def draw(run_dir):
+        drawn.append(run_dir)
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        return fig
+
+    run, committed = tmp_path / "run", tmp_path / "committed"
+    kwargs = dict(doc='"Figures of a demo run: more."', draw=draw, filename="demo.png", run_of="configs/demo.py",
+                  committed_dir=committed)
+    assert figure_main([str(run)], **kwargs) == 0
+    assert (run / "demo.png").is_file() and not committed.exists() and drawn == [run]
+    assert capsys.readouterr().out.strip() == str(run / "demo.png")
+    assert figure_main([str(run), "--update-committed"], **kwargs) == 0 and (committed / "demo.png").is_file()
+    with pytest.raises(SystemExit) as e:
+        figure_main([str(run), "--out", str(tmp_path), "--update-committed"], **kwargs)
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        figure_main(["--help"], **kwargs)
+    out = capsys.readouterr().out
+    assert "Figures of a demo run: more." in out and "configs/demo.py" in out

@@ -19,7 +19,7 @@ import fpx.experiment as fx
 from fpx.experiment.tasks.operator_regression import restore
 
 
-def main(workdir, out):
+def draw(workdir):
     task, state = restore(workdir)
     params = jax.tree_util.tree_map(lambda a: a[0], state["params"])  # member 0
     records = sorted((r for r in fx.read_metrics(workdir) if r["member"] == 0), key=lambda r: r["step"])
@@ -45,19 +45,13 @@ def main(workdir, out):
         ax.set_title(f"test function {i}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "antiderivative.png", dpi=80)
-    print(out / "antiderivative.png")
+    return fig
+
+
+def main(argv=None) -> int:
+    return fx.figure_main(argv, doc=__doc__, draw=draw, filename="antiderivative.png", run_of="configs/deeponet/...",
+                          committed_dir=pathlib.Path(__file__).resolve().parent)
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip('"'))
-    parser.add_argument("workdir", type=pathlib.Path, help="an `fpx run` directory of configs/deeponet/...")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=pathlib.Path, help="directory for antiderivative.png (default: RUN_DIR)")
-    where.add_argument("--update-committed", action="store_true", help="overwrite the committed experiments/deeponet/antiderivative.png")
-    args = parser.parse_args()
-    main(args.workdir, pathlib.Path(__file__).parent if args.update_committed else args.out or args.workdir)
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ import fpx.experiment as fx  # noqa: E402
 from fpx.experiment.tasks.parallel_sampling import tag  # noqa: E402
 
 
-def main(workdir, out):
+def draw(workdir):
     config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
     s = config["sampling"]
     last = max((r for r in fx.read_metrics(workdir) if r["member"] == 0), key=lambda r: r["step"])
@@ -51,19 +51,13 @@ def main(workdir, out):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "sampling.png", dpi=80)
-    print(out / "sampling.png")
+    return fig
+
+
+def main(argv=None) -> int:
+    return fx.figure_main(argv, doc=__doc__, draw=draw, filename="sampling.png", run_of="configs/parallel/parallel_sampling.py",
+                          committed_dir=pathlib.Path(__file__).resolve().parent)
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip('"'))
-    parser.add_argument("workdir", type=pathlib.Path, help="an `fpx run` directory of configs/parallel/parallel_sampling.py")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=pathlib.Path, help="directory for sampling.png (default: RUN_DIR)")
-    where.add_argument("--update-committed", action="store_true", help="overwrite the committed experiments/parallel_sampling/sampling.png")
-    args = parser.parse_args()
-    main(args.workdir, pathlib.Path(__file__).parent if args.update_committed else args.out or args.workdir)
+    raise SystemExit(main())

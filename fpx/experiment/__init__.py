@@ -49,6 +49,7 @@ from ._sections import (
 )
 from ._tables import (
     by_variant as by_variant,
+    figure_main as figure_main,
     format_minutes as format_minutes,
     format_value as format_value,
     mean_sd as mean_sd,

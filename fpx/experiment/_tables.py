@@ -123,6 +123,60 @@ def table_main(
     return 0
 
 
+def figure_main(
+    argv: Sequence[str] | None = None,
+    *,
+    doc: str,
+    draw: Callable[[pathlib.Path], Any],
+    filename: str,
+    run_of: str,
+    committed_dir: str | os.PathLike,
+    dpi: int = 80,
+) -> int:
+    """The command line of an experiment's `figures.py`: draw a run's figure and save it.
+
+        figures.py RUN_DIR                      # RUN_DIR/<filename>
+        figures.py RUN_DIR --out DIR            # DIR/<filename>
+        figures.py RUN_DIR --update-committed   # the committed copy in `committed_dir`
+
+    `draw(run_dir)` returns a matplotlib figure; it is saved as PNG at `dpi` and closed, and
+    its path printed. `run_of` names the config the run directory comes from (for `--help`).
+    Returns the exit status (0).
+
+    ```python
+    import pathlib, tempfile
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from fpx.experiment import figure_main
+    here = pathlib.Path(tempfile.mkdtemp())
+    def draw(run_dir):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        return fig
+    kwargs = dict(doc="Figures of a demo run.", draw=draw, filename="demo.png", run_of="configs/demo.py",
+                  committed_dir=here / "committed")
+    assert figure_main([str(here / "run"), "--out", str(here / "out")], **kwargs) == 0
+    assert (here / "out" / "demo.png").stat().st_size > 0
+    ```
+    """
+    p = argparse.ArgumentParser(description=doc.strip().split("\n")[0].strip('"'))
+    p.add_argument("workdir", type=pathlib.Path, help=f"an `fpx run` directory of {run_of}")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=pathlib.Path, help=f"directory for {filename} (default: RUN_DIR)")
+    where.add_argument("--update-committed", action="store_true", help=f"overwrite the committed {filename}")
+    args = p.parse_args(argv)
+    fig = draw(args.workdir)
+    out = pathlib.Path(committed_dir) if args.update_committed else (args.out or args.workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / filename, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print(out / filename)
+    return 0
+
+
 # ---------------------------------------------------------------------------- cells
 
 
