@@ -184,8 +184,10 @@ def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     """`(mean, sd)` of `values`: the sample standard deviation, 0.0 for a single value.
 
     ```python
+    import math
     from fpx.experiment import mean_sd
-    assert mean_sd([0.75, 0.85]) == (0.8, 0.07071067811865475)
+    mean, sd = mean_sd([0.75, 0.85])
+    assert math.isclose(mean, 0.8) and math.isclose(sd, 0.1 / math.sqrt(2))
     assert mean_sd([3]) == (3.0, 0.0)
     ```
     """
