@@ -19,6 +19,7 @@ from ._argmin import (
     HypergradientUnrolled as HypergradientUnrolled,
     argmin as argmin,
 )
+from ._argmin_stochastic import argmin_stochastic as argmin_stochastic
 from ._fixed_point import (
     DisplacementTest as DisplacementTest,
     FixedPointError as FixedPointError,

@@ -698,41 +698,42 @@ def _nan_tangent_unless_jvp(primals, tangents):
 # ------------------------------------------------------------------------- checks
 
 
-def _check_loss(loss, w0, args, has_aux: bool) -> None:
+def _check_loss(loss, w0, args, has_aux: bool, call: str = "loss(w, args)", entry: str = "fpx.argmin") -> None:
+    """Trace `loss(w0, args)` once and check it returns one real floating-point scalar (`call`: how errors name it)."""
     try:
         out = eqx.filter_eval_shape(loss, w0, args)
     except Exception as e:
-        e.add_note(f"(raised while tracing loss(w0, args) in fpx.argmin with w0: {_describe_struct(w0)})")
+        e.add_note(f"(raised while tracing {call.replace('(w,', '(w0,')} in {entry} with w0: {_describe_struct(w0)})")
         raise
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError(
-                f"With has_aux=True, loss(w, args) must return a pair (loss_value, aux); got {_describe_struct(out)}."
+                f"With has_aux=True, {call} must return a pair (loss_value, aux); got {_describe_struct(out)}."
             )
         out = out[0]
     elif isinstance(out, tuple):
         raise ValueError(
-            f"loss(w, args) must return a scalar, got a tuple {_describe_struct(out)}. If it returns "
+            f"{call} must return a scalar, got a tuple {_describe_struct(out)}. If it returns "
             "(loss_value, aux), pass has_aux=True."
         )
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise TypeError(
-            f"loss(w, args) must return a JAX scalar computed from w, got {out!r} ({type(out).__name__})."
+            f"{call} must return a JAX scalar computed from w, got {out!r} ({type(out).__name__})."
         )
     if jnp.issubdtype(out.dtype, jnp.complexfloating):
         raise TypeError(
-            f"loss(w, args) must return a real scalar, got dtype {out.dtype}: a complex loss has no "
+            f"{call} must return a real scalar, got dtype {out.dtype}: a complex loss has no "
             "minimiser. Minimise a real quantity such as jnp.abs(z) ** 2 or jnp.real(z)."
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(
-            f"loss(w, args) must return a floating-point scalar, got dtype {out.dtype}: an integer or "
+            f"{call} must return a floating-point scalar, got dtype {out.dtype}: an integer or "
             "boolean loss has zero gradient everywhere."
         )
     if out.shape != ():
         raise ValueError(
-            f"loss(w, args) must return a scalar, got shape {out.shape}. Reduce it, e.g. with jnp.sum(...) "
-            "or jnp.mean(...) over samples; fpx.argmin minimises one real number."
+            f"{call} must return a scalar, got shape {out.shape}. Reduce it, e.g. with jnp.sum(...) "
+            f"or jnp.mean(...) over samples; {entry} minimises one real number."
         )
 
 

@@ -68,7 +68,7 @@ def test_every_public_function_and_solver_has_an_example():
     must |= {f"fpx.data.{n}" for n in ["burgers", "darcy", "antiderivative", "digits"]}
     must |= {
         f"fpx.{n}"
-        for n in ["argmin", "HypergradientExact", "HypergradientLinearSolve", "HypergradientFixedPoint"]
+        for n in ["argmin", "argmin_stochastic", "HypergradientExact", "HypergradientLinearSolve", "HypergradientFixedPoint"]
         + ["HypergradientNeumann", "HypergradientUnrolled"]
     }
     must |= {

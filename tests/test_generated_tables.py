@@ -23,6 +23,7 @@ def _script(path: str):
     "script,results,name",
     [
         ("experiments/hypergradients/per_weight_l2.py", "experiments/hypergradients/per_weight_l2.json", "per_weight_l2"),
+        ("experiments/hypergradients/distillation.py", "experiments/hypergradients/distillation.json", "distillation"),
         ("experiments/parallel_rnn/deer_gru.py", "experiments/parallel_rnn/deer_gru.json", "deer_gru"),
     ],
 )
