@@ -33,6 +33,7 @@ docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 clean:
