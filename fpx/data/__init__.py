@@ -5,7 +5,9 @@ arrays (NumPy, float32 unless documented), on any run. Nothing is downloaded.
 
 - `burgers`, `darcy`: the FNO benchmarks (1-D viscous Burgers, 2-D Darcy flow).
 - `solve_darcy_iterative`, `solve_sequence`, `skr_order`: the iterative solvers behind
-  `darcy(solver=...)` (multigrid-preconditioned CG, deflated CG with Krylov recycling, SKR order).
+  `darcy(solver=...)` (multigrid-preconditioned CG, deflated CG with Krylov recycling, SKR order);
+  `unrolled_pcg`, `iteration_aware_loss`: differentiable solver iterations for training
+  initial guesses (neural warm starts).
 - `antiderivative`, `poisson1d`: DeepONet operators on random functions at sensors.
 - `value_iteration_mdps`: random MDPs with optimal values (graph value iteration).
 - `csbm`: contextual stochastic block model graphs (node classification).
@@ -32,4 +34,5 @@ from ._elliptic import (
     sor_solve as sor_solve,
 )
 from ._graphs import Graph as Graph, csbm as csbm
+from ._warm_start import iteration_aware_loss as iteration_aware_loss, unrolled_pcg as unrolled_pcg
 from ._mdp import MDPs as MDPs, bellman as bellman, value_iteration_mdps as value_iteration_mdps

@@ -29,6 +29,10 @@ mean of `a` on each edge), applied matrix-free. On top of it:
   al., "Accelerating Data Generation for Neural Operators via Krylov Subspace Recycling",
   ICLR 2024, code wanghong1700/NO-DataGen-SKR), who recycle with GCRO-DR (Parks, de
   Sturler et al. 2006); for these SPD systems deflated CG is the symmetric counterpart.
+- Initial guesses: `solve_darcy_iterative(..., x0=guess)` iterates from any guess to the same
+  tolerance and certificate (a previous solution, a neural operator's prediction); the
+  differentiable unrolled iterations and the iteration-aware training loss of such a guess
+  are in `fpx.data._warm_start` (`experiments/neural_warm_start`).
 - SOR and SSOR (`sor_sweep`, `sor`, `sor_solve`): red-black (checkerboard) relaxation, each
   colour one vectorised update, as the fixed-point map that `fpx.fixed_point` iterates, with
   a stopping test on the true relative residual; `omega` traced, so a grid of values is one
@@ -605,6 +609,29 @@ def check_coefficient(a) -> np.ndarray:
     return arr
 
 
+def check_initial_guess(x0, shape: tuple[int, ...], dtype, name: str = "x0") -> Array:
+    """`x0` as an array of `dtype`; `ValueError` unless it has exactly `shape` (that of `a`) and is finite.
+
+    No broadcasting: a single `(s, s)` guess for a batch `(n, s, s)` is refused rather than
+    silently reused (`np.broadcast_to(x0, a.shape)` says so explicitly)."""
+    arr = jnp.asarray(x0)
+    if arr.shape != tuple(shape):
+        hint = ""
+        if arr.ndim == len(shape) - 1 and arr.shape == tuple(shape[1:]):
+            hint = f" (one guess for the whole batch: pass `np.broadcast_to({name}, a.shape)`)"
+        raise ValueError(
+            f"`{name}`, the initial guess, must have the shape of `a`, {tuple(shape)} (the full grid, boundary "
+            f"included and ignored), got {arr.shape}{hint}."
+        )
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)) or arr.dtype == bool:
+        raise ValueError(f"`{name}`, the initial guess, must be a real array, got dtype {arr.dtype}.")
+    arr = arr.astype(dtype)
+    if not isinstance(arr, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(arr))):
+        bad = int(jnp.sum(~jnp.isfinite(arr)))
+        raise ValueError(f"`{name}`, the initial guess, must be finite; it has {bad} non-finite entries.")
+    return arr
+
+
 def default_max_steps(method: str, s: int) -> int:
     """`mg-cg`: 200 (its iteration counts hardly depend on `s`); Jacobi CG: `20 s + 200`."""
     return 200 if method == "mg-cg" else 20 * s + 200
@@ -686,11 +713,25 @@ def solve_darcy_iterative(
     `method`: `"cg"` (Jacobi-preconditioned CG) or `"mg-cg"` (multigrid-preconditioned).
     The samples are solved `batch` at a time under `jax.vmap` (`None`: `default_batch`, i.e.
     one at a time on a CPU, all at once on an accelerator), jit-compiled (one compilation per
-    shape and settings). `x0`: a starting guess like `a` (boundary ignored). `levels`,
+    shape and settings). `x0`: the initial guess, an array of exactly the shape of `a`
+    (boundary values ignored; default zero; a wrong shape or a non-finite entry is a
+    `ValueError`). `levels`,
     `smoothing_steps`: of the multigrid V-cycle (`multigrid`). `active`: a boolean mask over
     the batch; inactive samples are skipped (zero value, `successful`, 0 steps), for padding.
 
     Returns an `EllipticSolution` whose `value` has the shape of `a` (zero boundary).
+
+    **Warm starts.** Whatever `x0` is (zero, the previous sample's solution, a neural
+    operator's prediction: "predict, then iterate to tolerance"), the solve stops only when
+    the true relative residual of `value` is at most `rtol` and reports `successful` only
+    then, so a guess changes the iteration count, never the accuracy or the certificate
+    (`result`, `residual_norm`); a solve that runs out of `max_steps` from a guess is
+    `max_steps_reached`. CG from a guess minimises the energy error over the Krylov space of
+    the guess's residual: a guess helps by the log of how much it shrinks that error (a
+    guess with rough errors, such as a network's at the jumps of `a`, can have a larger
+    residual than zero and still save iterations). `experiments/neural_warm_start` measures
+    an FNO's prediction as `x0` against zero and the previous sample, and the
+    iteration-aware training loss (`iteration_aware_loss`, through `unrolled_pcg`).
 
     ```python
     import numpy as np
@@ -701,6 +742,10 @@ def solve_darcy_iterative(
     sol = solve_darcy_iterative(a, rtol=1e-5)
     assert bool(sol.converged) and float(sol.residual_norm) <= 1e-5
     assert np.abs(np.asarray(sol.value) - solve_darcy(a)).max() < 1e-5 * np.abs(solve_darcy(a)).max()
+
+    guess = solve_darcy(a) * 1.05                               # e.g. a network's prediction
+    warm = solve_darcy_iterative(a, rtol=1e-5, x0=guess)
+    assert bool(warm.converged) and float(warm.residual_norm) <= 1e-5 and warm.num_steps < sol.num_steps
     ```
     """
     _check_method(method, METHODS)
@@ -717,7 +762,7 @@ def solve_darcy_iterative(
     if f_arr.ndim not in (0, 2) or (f_arr.ndim == 2 and f_arr.shape != (s, s)):
         raise ValueError(f"`f` must be a number or an array of shape {(s, s)}, got shape {f_arr.shape}.")
     fb = jnp.broadcast_to(f_arr, (a_b.shape[0],) + f_arr.shape)
-    x0b = jnp.zeros_like(a_b) if x0 is None else jnp.asarray(x0, dtype).reshape(a_b.shape)
+    x0b = jnp.zeros_like(a_b) if x0 is None else check_initial_guess(x0, arr.shape, dtype).reshape(a_b.shape)
     if batch is None:
         batch = default_batch(a_b.shape[0])
     elif isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
