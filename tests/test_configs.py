@@ -76,7 +76,11 @@ def _readme_commands():
 
 
 README_COMMANDS = _readme_commands()
-SHARED_CLI_FLAGS = {"table_main": ("--save", "--note", "--from-results"), "figure_main": ("--out", "--update-committed")}
+SHARED_CLI_FLAGS = {
+    "table_main": ("--save", "--note", "--from-results"),
+    "figure_main": ("--out", "--update-committed"),
+    "script_main": ("--out", "--update-committed", "--quick", "--from-json"),
+}
 
 
 @pytest.mark.parametrize("readme,argv", README_COMMANDS, ids=[" ".join(a)[:80] for _, a in README_COMMANDS])

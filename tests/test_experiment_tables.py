@@ -274,3 +274,36 @@ def test_figure_main_saves_where_asked_and_only_update_committed_touches_the_com
         figure_main(["--help"], **kwargs)
     out = capsys.readouterr().out
     assert "Figures of a demo run: more." in out and "configs/demo.py" in out
+
+
+# ---------------------------------------------------------------------------- standalone scripts
+
+
+def test_script_main_measures_writes_and_regenerates_from_json(tmp_path, capsys):
+    from fpx.experiment import script_main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Demo\n<!-- demo:begin (generated) -->\nold\n<!-- demo:end -->\n")
+    calls, drawn = [], []
+
+    def run(quick, seeds=2):
+        calls.append((quick, seeds))
+        return {"rows": [seed * (1 if quick else 10) for seed in range(seeds)]}
+
+    kwargs = dict(doc="A demo experiment: more.\n\nDetails.", run=run, markdown=lambda r: f"rows {r['rows']}",
+                  readme=readme, section="demo", results_name="demo.json", default_out=tmp_path / "runs",
+                  committed_dir=tmp_path / "committed", figure=lambda r, path: drawn.append(path) or path.write_text("png"),
+                  figure_name="demo.png", options={"--seeds": {"type": int, "default": 2}})
+    assert script_main(["--quick", "--seeds", "3"], **kwargs) == {"rows": [0, 1, 2]}
+    assert json.loads((tmp_path / "runs" / "demo.json").read_text()) == {"rows": [0, 1, 2]}
+    assert drawn == [tmp_path / "runs" / "demo.png"] and "old" in readme.read_text()  # no --update-committed
+    assert capsys.readouterr().out.strip() == "rows [0, 1, 2]"
+    # the committed section from a results file, without measuring
+    assert script_main(["--from-json", str(tmp_path / "runs" / "demo.json"), "--update-committed"], **kwargs)
+    assert calls == [(True, 3)] and generated_section(readme, "demo") == "rows [0, 1, 2]"
+    assert json.loads((tmp_path / "committed" / "demo.json").read_text()) == {"rows": [0, 1, 2]}
+    with pytest.raises(SystemExit) as e:
+        script_main(["--from-json", str(tmp_path / "missing.json")], **kwargs)
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`figure` and `figure_name` together"):
+        script_main([], **{**kwargs, "figure_name": None})

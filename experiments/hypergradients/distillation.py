@@ -28,9 +28,7 @@ the README.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import os
 import pathlib
 import platform
@@ -47,7 +45,7 @@ import optax
 
 import fpx
 import fpx.data
-from fpx.experiment import write_generated_section
+from fpx.experiment import script_main
 
 jax.config.update("jax_enable_x64", True)
 
@@ -248,19 +246,13 @@ def figure(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/hypergradients"))
-    parser.add_argument("--update-committed", action="store_true", help="write next to this script and rewrite the README section")
-    parser.add_argument("--quick", action="store_true", help="fewer seeds and steps: a smoke run")
-    args = parser.parse_args(argv)
-    out = HERE if args.update_committed else args.out
-    out.mkdir(parents=True, exist_ok=True)
-    name = "quick" if args.quick else "default"
+def run(quick: bool) -> dict:
+    """All seeds of the `quick` or `default` preset, with the machine's particulars."""
+    name = "quick" if quick else "default"
     preset = PRESETS[name]
     start = time.perf_counter()
     runs = [distill(seed, preset["steps"], preset["lr"]) for seed in range(preset["seeds"])]
-    results = {
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "jax": jax.__version__,
@@ -271,13 +263,14 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - start,
         "runs": runs,
     }
-    (out / "distillation.json").write_text(json.dumps(results, indent=1) + "\n")
-    figure(results, out / "distillation.png")
-    section = markdown(results)
-    if args.update_committed:
-        write_generated_section(README, "distillation", section)
-    print(section)
-    return results
+
+
+def main(argv=None) -> dict:
+    return script_main(
+        argv, doc=__doc__, run=run, markdown=markdown, readme=README, section="distillation",
+        results_name="distillation.json", default_out="runs/hypergradients", committed_dir=HERE,
+        figure=figure, figure_name="distillation.png",
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ the generated section of the README.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import platform
 import time
@@ -41,7 +39,7 @@ import optax
 
 import fpx
 import fpx.data
-from fpx.experiment import write_generated_section
+from fpx.experiment import script_main
 
 jax.config.update("jax_enable_x64", True)
 
@@ -261,33 +259,28 @@ def figure(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/hypergradients"))
-    parser.add_argument("--update-committed", action="store_true", help="write next to this script and rewrite the README section")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--repeats", type=int, default=5, help="timed warm calls per estimator (median)")
-    args = parser.parse_args(argv)
-    out = HERE if args.update_committed else args.out
-    out.mkdir(parents=True, exist_ok=True)
+def run(quick: bool, repeats: int = 5) -> dict:
+    """The three parts (estimators, validation overfitting, global L2), with the machine's particulars."""
     import os
 
-    results = {
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "estimators": run_estimators(args.quick, 2 if args.quick else args.repeats),
-        "overfit": run_overfit(args.quick),
-        "global": run_global(args.quick),
+        "estimators": run_estimators(quick, 2 if quick else repeats),
+        "overfit": run_overfit(quick),
+        "global": run_global(quick),
     }
-    (out / "per_weight_l2.json").write_text(json.dumps(results, indent=1))
-    figure(results, out / "per_weight_l2.png")
-    section = markdown(results)
-    if args.update_committed:
-        write_generated_section(README, "per_weight_l2", section)
-    print(section)
-    return results
+
+
+def main(argv=None) -> dict:
+    return script_main(
+        argv, doc=__doc__, run=run, markdown=markdown, readme=README, section="per_weight_l2",
+        results_name="per_weight_l2.json", default_out="runs/hypergradients", committed_dir=HERE,
+        figure=figure, figure_name="per_weight_l2.png",
+        options={"--repeats": {"type": int, "default": 5, "help": "timed warm calls per estimator (median)"}},
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ Writes `relax.json` and `relax.png` to `--out` (default `runs/learned_relaxation
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
 import platform
@@ -51,7 +49,7 @@ import numpy as np  # noqa: E402
 import fpx  # noqa: E402
 import fpx.data  # noqa: E402
 from fpx.data import _elliptic  # noqa: E402
-from fpx.experiment import write_generated_section  # noqa: E402
+from fpx.experiment import script_main  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -381,26 +379,11 @@ def figure(r: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/learned_relaxation"))
-    parser.add_argument("--update-committed", action="store_true", help="write next to this script and rewrite the README section")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--from-json", type=pathlib.Path, help="regenerate the figure and section from a results file")
-    args = parser.parse_args(argv)
-    out = HERE if args.update_committed else args.out
-    out.mkdir(parents=True, exist_ok=True)
-    if args.from_json:
-        results = json.loads(args.from_json.read_text())
-    else:
-        results = run("quick" if args.quick else "default")
-        (out / "relax.json").write_text(json.dumps(results, indent=1))
-    figure(results, out / "relax.png")
-    section = markdown(results)
-    if args.update_committed:
-        write_generated_section(README, "learned_relaxation", section)
-    print(section)
-    return results
-
+    return script_main(
+        argv, doc=__doc__, run=lambda quick: run("quick" if quick else "default"), markdown=markdown, readme=README,
+        section="learned_relaxation", results_name="relax.json", default_out="runs/learned_relaxation",
+        committed_dir=HERE, figure=figure, figure_name="relax.png",
+    )
 
 if __name__ == "__main__":
     main()

@@ -32,9 +32,7 @@ regenerates the section.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import os
 import pathlib
 import platform
@@ -55,7 +53,7 @@ import optax  # noqa: E402
 
 import fpx.data  # noqa: E402
 from fpx.data import _darcy, _elliptic, iteration_aware_loss, solve_darcy_iterative  # noqa: E402
-from fpx.experiment import write_generated_section  # noqa: E402
+from fpx.experiment import script_main  # noqa: E402
 from fpx.operators import FNO  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
@@ -463,27 +461,11 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/neural_warm_start"))
-    parser.add_argument(
-        "--update-committed", action="store_true", help="write next to this script and rewrite the README section"
+    return script_main(
+        argv, doc=__doc__, run=lambda quick: run("quick" if quick else "default"), markdown=markdown, readme=README,
+        section="neural_warm_start", results_name="warm_start.json", default_out="runs/neural_warm_start",
+        committed_dir=HERE,
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run (under a minute)")
-    parser.add_argument("--from-json", type=pathlib.Path, help="regenerate the README section from a results file")
-    args = parser.parse_args(argv)
-    out = HERE if args.update_committed else args.out
-    out.mkdir(parents=True, exist_ok=True)
-    if args.from_json:
-        results = json.loads(args.from_json.read_text())
-    else:
-        results = run("quick" if args.quick else "default")
-        (out / "warm_start.json").write_text(json.dumps(results, indent=1))
-    section = markdown(results)
-    if args.update_committed:
-        write_generated_section(README, "neural_warm_start", section)
-    print(section)
-    return results
-
 
 if __name__ == "__main__":
     main()

@@ -55,6 +55,7 @@ from ._tables import (
     mean_sd as mean_sd,
     member_histories as member_histories,
     read_run as read_run,
+    script_main as script_main,
     table_main as table_main,
     timing_by_unit as timing_by_unit,
     unit_ms_per_step as unit_ms_per_step,

@@ -177,6 +177,78 @@ def figure_main(
     return 0
 
 
+def script_main(
+    argv: Sequence[str] | None = None,
+    *,
+    doc: str,
+    run: Callable[..., dict],
+    markdown: Callable[[dict], str],
+    readme: str | os.PathLike,
+    section: str,
+    results_name: str,
+    default_out: str | os.PathLike,
+    committed_dir: str | os.PathLike,
+    figure: Callable[[dict, pathlib.Path], object] | None = None,
+    figure_name: str | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict:
+    """The command line of a standalone experiment script (no runner config): measure, write
+    the results JSON (and a figure), print the README section.
+
+        script.py [--quick] [--out DIR]          # run(quick), DIR/<results_name>, the section printed
+        script.py --update-committed             # ... next to the script, and the README section rewritten
+        script.py --from-json FILE [--update-committed]   # the figure and section from a results file
+
+    `run(quick, **options)` returns the results (JSON-serialisable); the extra `options`
+    (`{"--flag": add_argument keywords}`) reach it as keywords under their argparse `dest`.
+    `figure(results, path)` draws `figure_name` next to the JSON. Returns the results.
+
+    ```python
+    import json, pathlib, tempfile
+    from fpx.experiment import generated_section, script_main
+    here = pathlib.Path(tempfile.mkdtemp())
+    readme = here / "README.md"
+    readme.write_text("<!-- demo:begin (generated) -->\\n<!-- demo:end -->\\n")
+    kwargs = dict(doc="A demo experiment.", run=lambda quick, n=3: {"n": 1 if quick else n},
+                  markdown=lambda r: f"n = {r['n']}", readme=readme, section="demo", results_name="demo.json",
+                  default_out=here / "runs", committed_dir=here, options={"--n": {"type": int, "default": 3}})
+    assert script_main(["--quick"], **kwargs) == {"n": 1}
+    assert json.loads((here / "runs" / "demo.json").read_text()) == {"n": 1}
+    assert script_main(["--update-committed", "--n", "5"], **kwargs) == {"n": 5}
+    assert generated_section(readme, "demo") == "n = 5"
+    ```
+    """
+    _markers(section)
+    if (figure is None) != (figure_name is None):
+        raise ValueError("script_main: pass `figure` and `figure_name` together (the function and the file it draws).")
+    p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(default_out),
+                   help=f"directory for {results_name}" + (f" and {figure_name}" if figure_name else "") + " (default: %(default)s)")
+    p.add_argument("--update-committed", action="store_true", help="write next to this script and rewrite the README section")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    p.add_argument("--from-json", type=pathlib.Path, help="regenerate the figure and section from a results file instead of measuring")
+    dests = [p.add_argument(flag, **spec).dest for flag, spec in (options or {}).items()]
+    args = p.parse_args(argv)
+    out = pathlib.Path(committed_dir) if args.update_committed else args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.from_json is not None:
+        if not args.from_json.is_file():
+            p.error(f"--from-json: {args.from_json} does not exist")
+        results = json.loads(args.from_json.read_text())
+    else:
+        results = run(args.quick, **{d: getattr(args, d) for d in dests})
+    path = out / results_name
+    if args.from_json is None or args.from_json.resolve() != path.resolve():
+        path.write_text(json.dumps(results, indent=1) + "\n")
+    if figure is not None:
+        figure(results, out / figure_name)
+    text = markdown(results)
+    if args.update_committed:
+        write_generated_section(readme, section, text)
+    print(text)
+    return results
+
+
 # ---------------------------------------------------------------------------- cells
 
 
